@@ -1,0 +1,781 @@
+"""Tests of Sugar against real OpenSSH servers on loopback addresses.
+
+Each simulated client is its own /usr/sbin/sshd on 127.0.0.x with its own
+host key; the test's user key is authorised there.  The Sugar server is
+real too, on a free port, and every request goes over real HTTP.
+"""
+
+import getpass
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import sugar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+USER = getpass.getuser()
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: real sshd clients, a real Sugar server
+# ---------------------------------------------------------------------------
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class Sshd:
+    """One real sshd on a loopback address: a simulated client machine."""
+
+    def __init__(self, folder, ip, user_key):
+        self.folder = folder
+        self.ip = ip
+        self.port = free_port(ip)
+        self.address = "%s:%d" % (ip, self.port)
+        os.makedirs(folder, exist_ok=True)
+        self.host_key = os.path.join(folder, "host_key")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                        "-f", self.host_key], check=True)
+        self.authorized = os.path.join(folder, "authorized_keys")
+        shutil.copy(user_key + ".pub", self.authorized)
+        self.config = os.path.join(folder, "sshd_config")
+        with open(self.config, "w") as config:
+            config.write("\n".join([
+                "ListenAddress %s" % self.address,
+                "HostKey %s" % self.host_key,
+                "AuthorizedKeysFile %s" % self.authorized,
+                "PidFile %s" % os.path.join(folder, "sshd.pid"),
+                "UsePAM no", "StrictModes no",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "MaxStartups 100", "LogLevel ERROR",
+                # Keeps bash from reading ~/.bashrc in each command.
+                "SetEnv SHLVL=1", "",
+            ]))
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", self.config],
+            stderr=open(os.path.join(self.folder, "sshd.log"), "ab"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.ip, self.port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("sshd on %s did not start" % self.address)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def user_key(tmp_path_factory):
+    if not os.path.exists(SSHD):
+        pytest.fail("OpenSSH server missing: run the README's test command")
+    os.makedirs("/run/sshd", exist_ok=True) if os.geteuid() == 0 else None
+    key = str(tmp_path_factory.mktemp("key") / "id_ed25519")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    key], check=True)
+    return key
+
+
+_next_ip = iter(range(2, 250))
+
+
+@pytest.fixture
+def make_sshd(tmp_path, user_key):
+    started = []
+
+    def make():
+        ip = "127.0.0.%d" % next(_next_ip)
+        host = Sshd(str(tmp_path / ("sshd-" + ip)), ip, user_key)
+        started.append(host)
+        return host
+
+    yield make
+    for host in started:
+        host.stop()
+
+
+@pytest.fixture
+def fleet(make_sshd):
+    return [make_sshd() for _ in range(3)]
+
+
+class Running:
+    """A Sugar server serving in a thread, with helpers to talk to it."""
+
+    def __init__(self, folder, user_key, **options):
+        self.folder = folder
+        self.log_dir = os.path.join(folder, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.registry = os.path.join(folder, "registry")
+        self.options = dict(host="127.0.0.1", registry=self.registry,
+                            log_dir=self.log_dir, ssh_key=user_key,
+                            connect_timeout=5, **options)
+        self.start()
+
+    def start(self):
+        self.server = sugar.Server(port=0, **self.options)
+        self.host, self.port = self.server.address
+        self.url = "%s:%d" % (self.host, self.port)
+        self.thread = threading.Thread(target=self.server.serve)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(10)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def request(self, method, path, body=None, headers=None):
+        connection = http.client.HTTPConnection(self.host, self.port,
+                                                timeout=60)
+        try:
+            connection.request(method, path, body=body,
+                               headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.headers, \
+                response.read().decode("utf-8")
+        finally:
+            connection.close()
+
+    def post(self, path, headers=None, **fields):
+        headers = dict(headers or {})
+        headers.setdefault("Content-Type",
+                           "application/x-www-form-urlencoded")
+        return self.request("POST", path, urllib.parse.urlencode(fields),
+                            headers)
+
+    def register(self, sshd, client_id=None, **fields):
+        fields.setdefault("username", USER)
+        status, _, body = self.post(
+            "/register", id=client_id or "id-%s" % sshd.ip.replace(".", "-"),
+            address=sshd.address, **fields)
+        assert status in (200, 201), body
+        return body
+
+    def run_json(self, command):
+        status, _, body = self.post(
+            "/run", {"Accept": "application/json"}, command=command)
+        assert status == 200, body
+        return json.loads(body)
+
+    def log_files(self):
+        return sorted(os.listdir(self.log_dir))
+
+    def read_log(self, sshd):
+        name = sshd.address.replace(":", "_") + ".txt"
+        with open(os.path.join(self.log_dir, name), encoding="utf-8") as f:
+            return f.read()
+
+
+@pytest.fixture
+def server(tmp_path, user_key):
+    running = Running(str(tmp_path / "server"), user_key)
+    yield running
+    running.stop()
+
+
+def launch(tmp_path, env=None, wait_for_line=True):
+    """Start ./sugar_server in *tmp_path* with *env* added."""
+    environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "sugar_server")],
+        cwd=str(tmp_path), env=environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    if wait_for_line:
+        process.first_line = process.stdout.readline()
+    return process
+
+
+# ---------------------------------------------------------------------------
+# The README's own lines
+# ---------------------------------------------------------------------------
+
+def readme_line(start):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        lines = [line.strip() for line in readme if line.strip()
+                 .startswith(start)]
+    assert lines, "README has no line starting %r" % start
+    return lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the README registers root")
+def test_readme_curl_lines_register_and_run_as_written(
+        server, fleet, tmp_path):
+    register = readme_line('curl -d "address=client.fqdn&id=')
+    run = readme_line('curl -d "command=whoami"')
+    for number, sshd in enumerate(fleet):
+        machine_id = tmp_path / ("machine-id-%d" % number)
+        machine_id.write_text("%032x\n" % (number + 1))
+        line = (register.replace("client.fqdn", sshd.address)
+                .replace("/etc/machine-id", str(machine_id))
+                .replace("server:9999", server.url))
+        answer = subprocess.run(["bash", "-c", line], capture_output=True,
+                                text=True, check=True).stdout
+        assert answer == "added client %032x at %s as root\n" % (
+            number + 1, sshd.address)
+
+    answer = subprocess.run(
+        ["bash", "-c", run.replace("server:9999", server.url)],
+        capture_output=True, text=True, check=True).stdout
+
+    width = max(len(sshd.address) for sshd in fleet)
+    expected = ["%-*s  exit code 0" % (width, sshd.address)
+                for sshd in sorted(fleet, key=lambda s: s.ip)]
+    for sshd in sorted(fleet, key=lambda s: s.ip):
+        expected += ["--- %s stdout:" % sshd.address, "root"]
+    expected.append("3 clients: 3 ok")
+    assert answer == "\n".join(expected) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Registering
+# ---------------------------------------------------------------------------
+
+def test_register_answers_added_then_updated_with_the_old_address(
+        server, make_sshd):
+    first, second = make_sshd(), make_sshd()
+    status, _, body = server.post("/register", id="abc",
+                                  address=first.address, username=USER)
+    assert (status, body) == (201, "added client abc at %s as %s\n" % (
+        first.address, USER))
+
+    status, _, body = server.post("/register", id="abc",
+                                  address=second.address, username=USER)
+
+    assert (status, body) == (200, (
+        "updated client abc at %s as %s (was %s as %s)\n"
+        % (second.address, USER, first.address, USER)))
+    assert [(e["id"], e["host"], e["port"])
+            for e in server.server.registry.clients()] == [
+        ("abc", second.ip, second.port)]
+
+
+def test_register_without_address_takes_the_requesters_address(server):
+    status, _, body = server.post("/register", id="m1")
+
+    assert (status, body) == (201, "added client m1 at 127.0.0.1 as root\n")
+
+
+def test_registry_survives_a_restart(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+
+    server.restart()
+
+    assert sorted(e["id"] for e in server.server.registry.clients()) == \
+        sorted("id-%s" % s.ip.replace(".", "-") for s in fleet)
+    assert server.run_json("true")["totals"] == {"clients": 3, "ok": 3}
+
+
+BAD_REGISTRATIONS = [
+    ({"address": "a"}, "field 'id' is missing"),
+    ({"id": ""}, "field 'id': '' is not a machine id; send up to 128 "
+     "letters, digits, '.', '_' or '-', such as the content of "
+     "/etc/machine-id"),
+    ({"id": "../etc"}, "field 'id': '../etc' is not a machine id; send up "
+     "to 128 letters, digits, '.', '_' or '-', such as the content of "
+     "/etc/machine-id"),
+    ({"id": "a b"}, "field 'id': 'a b' is not a machine id; send up to 128 "
+     "letters, digits, '.', '_' or '-', such as the content of "
+     "/etc/machine-id"),
+    ({"id": "x" * 129}, None),
+]
+NOT_A_HOST = ("field 'address': %r is not a host name or IP address; send "
+              "a name such as web1.example.com, an IPv4 address or an IPv6 "
+              "address")
+for bad in ["a/b", "../../etc/passwd", "a..b", "root@host", "a b", "a\nb",
+            "a\x00b", "-host", "host-", "", "300.1.1.1", "[web1]:22"]:
+    message = NOT_A_HOST % bad
+    if bad == "[web1]:22":
+        message = "field 'address': '[web1]:22': only IPv6 addresses go " \
+            "in brackets"
+    BAD_REGISTRATIONS.append(({"id": "m", "address": bad}, message))
+for bad in ["host:0", "host:65536", "host:abc", "host:", "[::1]:x"]:
+    BAD_REGISTRATIONS.append((
+        {"id": "m", "address": bad},
+        "field 'address': port %r is not a number from 1 to 65535"
+        % bad.rsplit(":", 1)[1]))
+BAD_REGISTRATIONS += [
+    ({"id": "m", "address": "a" * 254},
+     "field 'address': %r is not a host name or IP address; send a name "
+     "such as web1.example.com, an IPv4 address or an IPv6 address"
+     % ("a" * 254)),
+    ({"id": "m", "address": ("a" * 60 + ".") * 5},
+     "field 'address': 305 characters is too long; a host name has at "
+     "most 253"),
+]
+for bad in ["", "1root", "-x", "ro ot", "a/b", "a" * 33, "r\u00f6ot"]:
+    BAD_REGISTRATIONS.append((
+        {"id": "m", "username": bad},
+        "field 'username': %r is not a user name; use up to 32 letters, "
+        "digits, '.', '_' or '-', not starting with '-' or a digit" % bad))
+BAD_REGISTRATIONS += [
+    ({"id": "m", "colour": "red"}, "field 'colour' is unknown; this "
+     "endpoint takes id, address, username"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_REGISTRATIONS)
+def test_bad_registration_is_refused_and_nothing_is_stored(
+        server, fields, message):
+    status, _, body = server.post("/register", **fields)
+
+    assert status == 400
+    if message is not None:
+        assert body == message + "\n"
+    else:
+        assert body.startswith("field 'id': ")
+    assert server.server.registry.clients() == []
+    assert server.log_files() == []
+
+
+def test_a_field_given_twice_is_refused(server):
+    status, _, body = server.request(
+        "POST", "/register", "id=a&id=b",
+        {"Content-Type": "application/x-www-form-urlencoded"})
+
+    assert (status, body) == (400, "field 'id' is given twice; send it "
+                              "once\n")
+    assert server.server.registry.clients() == []
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+def test_run_appends_the_exact_entry_to_the_clients_log(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    document = server.run_json("echo out; echo err >&2; exit 3")
+    server.run_json("echo again")
+
+    [result] = document["clients"]
+    assert result["status"] == "failed"
+    assert result["exit_code"] == 3
+    assert (result["stdout"], result["stderr"]) == ("out\n", "err\n")
+    assert server.log_files() == [sshd.address.replace(":", "_") + ".txt"]
+    assert re.fullmatch(
+        "=== (%s)\ncommand: echo out; echo err >&2; exit 3\n"
+        "result: exit code 3\n--- stdout ---\nout\n--- stderr ---\nerr\n"
+        "=== end\n\n"
+        "=== %s\ncommand: echo again\nresult: exit code 0\n"
+        "--- stdout ---\nagain\n--- stderr ---\n=== end\n\n" % (STAMP, STAMP),
+        server.read_log(sshd)).group(1) == result["started"]
+
+
+def test_run_answers_one_line_per_client_then_output_then_totals(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    status, headers, body = server.post("/run", command="echo hi; false")
+
+    assert status == 200
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert body == ("%s  exit code 1\n--- %s stdout:\nhi\n"
+                    "1 clients: 1 failed\n" % (sshd.address, sshd.address))
+
+
+def test_run_as_json_has_every_field(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    document = server.run_json("printf hello")
+
+    [client] = document["clients"]
+    assert set(client) == {"id", "address", "username", "status",
+                           "exit_code", "error", "stdout", "stderr",
+                           "started", "duration", "log"}
+    assert (client["id"], client["address"], client["username"],
+            client["status"], client["exit_code"], client["error"],
+            client["stdout"], client["stderr"]) == (
+        "id-%s" % sshd.ip.replace(".", "-"), sshd.address, USER, "ok", 0,
+        None, "hello", "")
+    assert re.fullmatch(STAMP, client["started"])
+    assert 0 < client["duration"] < 60
+    assert client["log"] == os.path.join(
+        os.path.realpath(server.log_dir),
+        sshd.address.replace(":", "_") + ".txt")
+    assert document["command"] == "printf hello"
+    assert document["totals"] == {"clients": 1, "ok": 1}
+
+
+def test_run_with_no_clients_says_there_were_none(server):
+    status, _, body = server.post("/run", command="true")
+
+    assert (status, body) == (200, (
+        "no clients are registered, so nothing ran; register one with: "
+        "curl -d \"id=$(</etc/machine-id)\" SERVER/register\n"))
+
+
+def test_unreachable_clients_do_not_stop_the_others(
+        server, make_sshd, monkeypatch):
+    good, stopped, failing = make_sshd(), make_sshd(), make_sshd()
+    for sshd in (good, stopped, failing):
+        server.register(sshd)
+    server.post("/register", id="nowhere", address="no-such-host.invalid",
+                username=USER)
+    stopped.stop()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        # The name server is not on loopback; tests never ask it.
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    document = server.run_json(
+        "case \"$SSH_CONNECTION\" in *' %s '*) exit 7;; esac" % failing.ip)
+
+    outcomes = {c["address"]: (c["status"], c["exit_code"], c["error"])
+                for c in document["clients"]}
+    assert outcomes == {
+        good.address: ("ok", 0, None),
+        failing.address: ("failed", 7, None),
+        stopped.address: ("unreachable", None, (
+            "connection refused by %s port %d; check that sshd runs there "
+            "and the registered address" % (stopped.ip, stopped.port))),
+        "no-such-host.invalid": ("unreachable", None, (
+            "cannot resolve host name 'no-such-host.invalid'; check the "
+            "address registered for it")),
+    }
+    assert document["totals"] == {"clients": 4, "failed": 1, "ok": 1,
+                                  "unreachable": 2}
+
+
+def test_each_exit_code_is_reported_per_client(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+
+    document = server.run_json(
+        "exit $(echo $SSH_CONNECTION | cut -d' ' -f3 | cut -d. -f4)")
+
+    assert sorted((c["address"], c["exit_code"], c["status"])
+                  for c in document["clients"]) == sorted(
+        (s.address, int(s.ip.split(".")[3]), "failed") for s in fleet)
+
+
+def test_a_refused_key_is_reported_as_auth(server, make_sshd):
+    sshd = make_sshd()
+    open(sshd.authorized, "w").close()
+    server.register(sshd)
+
+    [client] = server.run_json("true")["clients"]
+
+    assert (client["status"], client["error"]) == ("auth", (
+        "authentication failed for %s@%s; add the server's key to the "
+        "client's authorized_keys (ssh-copy-id)" % (USER, sshd.ip)))
+
+
+def test_a_command_reading_stdin_gets_end_of_file_at_once(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    [client] = server.run_json("cat; read line; echo read=$?")["clients"]
+
+    assert (client["stdout"], client["exit_code"]) == ("read=1\n", 0)
+
+
+def test_output_that_is_not_utf8_is_logged_as_escapes(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    [client] = server.run_json(r"printf 'ok \377\376 end\n'")["clients"]
+
+    assert client["stdout"] == "ok \\xff\\xfe end\n"
+    assert "--- stdout ---\nok \\xff\\xfe end\n" in server.read_log(sshd)
+
+
+def test_multibyte_output_across_read_boundaries_is_kept_whole(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    # 999 bytes, then two-byte characters straddling every later boundary.
+    command = "head -c 999 /dev/zero | tr '\\0' a; " \
+        "for i in $(seq 3000); do printf '\\303\\251'; done"
+
+    [client] = server.run_json(command)["clients"]
+
+    expected = "a" * 999 + "\u00e9" * 3000
+    assert client["stdout"] == expected
+    assert "\ufffd" not in server.read_log(sshd)
+    assert "--- stdout ---\n%s\n" % expected in server.read_log(sshd)
+
+
+def test_split_characters_are_decoded_whole_at_any_split():
+    data = ("a\u00e9\u20ac\U0001f600" * 3).encode("utf-8")
+    for size in range(1, 8):
+        output = sugar._Output()
+        for start in range(0, len(data), size):
+            output.append(data[start:start + size])
+        assert output.text() == data.decode("utf-8")
+
+
+def test_workers_caps_the_sessions_open_at_once(tmp_path, user_key,
+                                                 make_sshd):
+    running = Running(str(tmp_path / "capped"), user_key, workers=2)
+    try:
+        hosts = [make_sshd() for _ in range(6)]
+        for sshd in hosts:
+            running.register(sshd)
+        spans = tmp_path / "spans"
+        spans.touch()
+        document = running.run_json(
+            "echo start $(date +%%s.%%N) >> %s; sleep 0.5; "
+            "echo end $(date +%%s.%%N) >> %s" % (spans, spans))
+    finally:
+        running.stop()
+
+    assert document["totals"] == {"clients": 6, "ok": 6}
+    events = sorted((float(t), kind == "start") for kind, t in
+                    (line.split() for line in spans.read_text().splitlines()))
+    open_now = most = 0
+    for _, starting in events:
+        open_now += 1 if starting else -1
+        most = max(most, open_now)
+    assert most == 2
+
+
+def test_library_client_runs_a_command_and_logs_it(tmp_path, user_key,
+                                                    make_sshd):
+    sshd = make_sshd()
+    client = sugar.Client(sshd.address, USER, log_dir=str(tmp_path),
+                          ssh_key=user_key)
+
+    result = client.run_command("echo library")
+
+    assert (result.status, result.exit_code, result.stdout,
+            result.stderr) == ("ok", 0, "library\n", "")
+    assert result.ok
+    with open(os.path.join(tmp_path, sshd.address.replace(":", "_")
+                           + ".txt"), encoding="utf-8") as log:
+        assert "command: echo library\nresult: exit code 0\n" in log.read()
+
+
+def test_log_file_names_stay_inside_the_log_folder():
+    assert sugar._log_name("::1") == "__1.txt"
+    assert sugar._log_name("[fe80::1]:2222") == "_fe80__1__2222.txt"
+    assert sugar._log_name("web1.example.com:22") == "web1.example.com_22.txt"
+    for bad in ["../x", "a/b", "..", ".", "x/../../y"]:
+        with pytest.raises(sugar._BadField):
+            sugar._parse_address(bad)
+
+
+def test_addresses_are_parsed_in_every_form():
+    assert sugar._parse_address("web1") == ("web1", 22)
+    assert sugar._parse_address("web1.example.com.:2200") == (
+        "web1.example.com.", 2200)
+    assert sugar._parse_address("10.0.0.1:2222") == ("10.0.0.1", 2222)
+    assert sugar._parse_address("::1") == ("::1", 22)
+    assert sugar._parse_address("[::1]:2222") == ("::1", 2222)
+    assert sugar._parse_address("fe80::1%eth0") == ("fe80::1%eth0", 22)
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def test_unknown_path_is_404_naming_it(server):
+    status, _, body = server.request("GET", "/nope")
+
+    assert (status, body) == (404, "no such path: '/nope'; Sugar answers "
+                              "/, /register, /run\n")
+
+
+def test_wrong_method_is_405_with_allow(server):
+    status, headers, body = server.request("GET", "/run")
+
+    assert (status, headers["Allow"], body) == (
+        405, "POST", "GET is not allowed on /run; use POST\n")
+
+
+def test_body_that_is_not_a_form_is_415(server):
+    status, _, body = server.request(
+        "POST", "/run", '{"command": "true"}',
+        {"Content-Type": "application/json"})
+
+    assert (status, body) == (415, (
+        "Content-Type 'application/json' is not "
+        "application/x-www-form-urlencoded; send the fields as with "
+        "curl -d\n"))
+
+
+def test_body_over_64_kib_is_413(server):
+    status, _, body = server.post("/run", command="x" * 65536)
+
+    assert status == 413
+    assert body == ("body of 65544 bytes is over the limit of 65536 "
+                    "bytes\n")
+
+
+def test_missing_content_length_is_411(server):
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\n\r\n")
+        answer = sock.makefile("rb").read().decode()
+
+    assert answer.startswith("HTTP/1.1 411 ")
+    assert answer.endswith("\r\n\r\nContent-Length is missing; send the "
+                           "form with a length (curl -d does)\n")
+
+
+def test_invalid_content_length_is_400(server):
+    status, _, body = server.request("POST", "/run", None, dict(
+        FORM, **{"Content-Length": "-5"}))
+
+    assert (status, body) == (400, "Content-Length '-5' is not a number\n")
+
+
+def test_missing_and_empty_command_are_400(server):
+    assert server.post("/run")[0::2] == (400, "field 'command' is missing\n")
+    assert server.post("/run", command=" ")[0::2] == (
+        400, "field 'command' is empty; send the shell command to run\n")
+
+
+def test_errors_are_json_when_json_is_asked_for(server):
+    status, headers, body = server.post(
+        "/run", {"Accept": "application/json"})
+
+    assert (status, headers["Content-Type"], json.loads(body)) == (
+        400, "application/json", {"error": "field 'command' is missing"})
+
+
+def test_an_unexpected_error_is_500_and_the_server_goes_on(
+        server, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(server.server.registry, "register", broken)
+
+    status, _, body = server.post("/register", id="m")
+    monkeypatch.undo()
+
+    assert (status, body) == (500, "internal error in Sugar; the server "
+                              "log has the details\n")
+    assert "RuntimeError: disk on fire" in caplog.text
+    assert server.post("/register", id="m")[0] == 201
+
+
+def test_requests_are_logged_through_the_sugar_logger(server, caplog):
+    with caplog.at_level("INFO", logger="sugar"):
+        server.request("GET", "/")
+
+    assert any(r.name == "sugar" and '"GET / HTTP/1.1" 200' in r.message
+               for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env,line", [
+    ({"PORT": "abc"}, "PORT='abc' is not allowed; use a whole number from "
+     "1 to 65535"),
+    ({"PORT": "70000"}, "PORT='70000' is not allowed; use a whole number "
+     "from 1 to 65535"),
+    ({"WORKERS": "0"}, "WORKERS='0' is not allowed; use a whole number "
+     "from 1 to 1024"),
+    ({"WORKERS": "many"}, "WORKERS='many' is not allowed; use a whole "
+     "number from 1 to 1024"),
+    ({"LOGGING": "LOUD"}, "LOGGING='LOUD' is not allowed; use one of DEBUG, "
+     "INFO, WARNING, ERROR, CRITICAL"),
+    ({"CONNECT_TIMEOUT": "-1"}, "CONNECT_TIMEOUT='-1' is not allowed; use "
+     "a number from 0.1 to 3600 seconds"),
+    ({"HOST": "a/b"}, "HOST='a/b' is not allowed; use an IP address or "
+     "host name of this machine, or leave it unset for all"),
+    ({"HOST": "192.0.2.1", "PORT": "0"}, "PORT='0' is not allowed; use a "
+     "whole number from 1 to 65535"),
+    ({"SSH_KEY": "/nonexistent"}, "SSH_KEY='/nonexistent' cannot be read; "
+     "name a private key file this user can read"),
+])
+def test_bad_launcher_setting_stops_with_one_line(tmp_path, env, line):
+    process = launch(tmp_path, env, wait_for_line=False)
+    out, err = process.communicate(timeout=30)
+
+    assert (process.returncode, out, err) == (2, "", "sugar: %s\n" % line)
+
+
+def test_launcher_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1"},
+                         wait_for_line=False)
+        out, err = process.communicate(timeout=30)
+
+    assert (process.returncode, err) == (2, (
+        "sugar: PORT=%d: port %d is already in use; stop what listens "
+        "there or set PORT to a free port\n" % (port, port)))
+
+
+@pytest.mark.parametrize("signum,said", [
+    (signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_launcher_starts_in_its_folder_and_stops_cleanly(
+        tmp_path, signum, said):
+    port = free_port()
+    process = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1"})
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=9)
+        connection.request("POST", "/register", "id=m1", FORM)
+        assert connection.getresponse().status == 201
+    finally:
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=30)
+
+    assert process.first_line == (
+        "sugar: listening on 127.0.0.1 port %d (registry %s, logs in %s); "
+        "press Ctrl-C or send SIGTERM to stop\n"
+        % (port, tmp_path / "sugar-registry", tmp_path))
+    assert (process.returncode, out) == (0, "sugar: stopped by %s\n" % said)
+    assert "Traceback" not in err
+    assert any(name.startswith("sugar-registry")
+               for name in os.listdir(tmp_path))
+
+
+def test_importing_sugar_starts_nothing(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+         "import sugar, threading; print(threading.active_count())" % HERE],
+        cwd=str(tmp_path), capture_output=True, text=True, check=True)
+
+    assert (out.stdout, out.stderr) == ("1\n", "")
+    assert os.listdir(tmp_path) == []
+
+
+def test_all_names_the_public_surface():
+    assert sorted(sugar.__all__) == sorted(
+        name for name in vars(sugar) if not name.startswith("_")
+        and getattr(getattr(sugar, name), "__module__", None) == "sugar")
