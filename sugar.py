@@ -42,6 +42,7 @@ import codecs
 import concurrent.futures
 import datetime
 import errno
+import hashlib
 import http.server
 import ipaddress
 import json
@@ -50,7 +51,11 @@ import os
 import re
 import select
 import shelve
+import shlex
+import shutil
+import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -64,6 +69,9 @@ logger = logging.getLogger("sugar")
 DEFAULT_PORT = 9999
 DEFAULT_WORKERS = 8
 DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_COMMAND_TIMEOUT = 300.0
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+MAX_COMMAND_TIMEOUT = 7 * 24 * 3600
 DEFAULT_REGISTRY = "sugar-registry"
 DEFAULT_USERNAME = "root"
 MAX_WORKERS = 1024
@@ -240,49 +248,113 @@ def _log_name(address):
     return re.sub(r"[^A-Za-z0-9.-]", "_", address) + ".txt"
 
 
+def _log_path(log_dir, address):
+    folder = os.path.realpath(log_dir)
+    path = os.path.join(folder, _log_name(address))
+    if os.path.dirname(path) != folder:
+        raise ValueError("log file %r would leave %r" % (path, folder))
+    return path
+
+
 def _log_lock(path):
     with _log_locks_guard:
         return _log_locks.setdefault(path, threading.Lock())
 
 
-def _format_log_entry(result):
-    """The text appended to a client's log for one *result*."""
-    lines = ["=== %s" % result.started, "command: %s"
-             % result.command.replace("\n", "\n  "),
-             "result: %s" % result.outcome, "--- stdout ---"]
-    text = "\n".join(lines) + "\n"
-    for body, header in ((result.stdout, None), (result.stderr,
-                                                 "--- stderr ---")):
-        if header:
-            text += header + "\n"
-        if body:
-            text += body if body.endswith("\n") else body + "\n"
-    return text + "=== end\n\n"
+class _Sink:
+    """A text file being written that remembers its last character."""
+
+    def __init__(self, file):
+        self.file = file
+        self.ends_line = True
+
+    def write(self, text):
+        if text:
+            self.file.write(text)
+            self.ends_line = text.endswith("\n")
+
+    def end_line(self):
+        if not self.ends_line:
+            self.write("\n")
 
 
-def _append_log(log_dir, result):
-    """Append *result* to its client's log file in *log_dir*; return path."""
-    folder = os.path.realpath(log_dir)
-    path = os.path.join(folder, _log_name(result.address))
-    if os.path.dirname(path) != folder:
-        raise ValueError("log file %r would leave %r" % (path, folder))
-    with _log_lock(path):
-        with open(path, "a", encoding="utf-8", errors="strict") as log:
-            log.write(_format_log_entry(result))
-    return path
+class _LogEntry:
+    """One run's entry in a client's log, written while the command runs.
+
+    Stdout goes straight into the log file as it arrives; stderr is spooled
+    and follows it when the command ends.  When another run on the same
+    client is writing the log, stdout is spooled too, so entries never
+    interleave.  Either way memory holds at most *spool* characters.
+    """
+
+    def __init__(self, path, started, command, spool):
+        self.path = path
+        self._lock = _log_lock(path)
+        self._direct = self._lock.acquire(blocking=False)
+        try:
+            if self._direct:
+                out = open(path, "a", encoding="utf-8")
+            else:
+                out = self._spool(path, spool)
+            self.stdout = _Sink(out)
+            self.stderr = _Sink(self._spool(path, spool))
+        except BaseException:
+            self._release()
+            raise
+        self.stdout.write("=== %s\ncommand: %s\n--- stdout ---\n" % (
+            started, command.replace("\n", "\n  ")))
+
+    @staticmethod
+    def _spool(path, size):
+        return tempfile.SpooledTemporaryFile(
+            size, "w+", encoding="utf-8", dir=os.path.dirname(path))
+
+    def close(self, outcome):
+        """Finish the entry with *outcome* and release the log."""
+        try:
+            self.stdout.end_line()
+            self.stderr.end_line()
+            if not self._direct:
+                self._lock.acquire()
+                self._direct = True
+                spooled, self.stdout.file = self.stdout.file, open(
+                    self.path, "a", encoding="utf-8")
+                self._copy(spooled, self.stdout.file)
+            self.stdout.file.write("--- stderr ---\n")
+            self._copy(self.stderr.file, self.stdout.file)
+            self.stdout.file.write("result: %s\n=== end\n\n" % outcome)
+        finally:
+            self.stdout.file.close()
+            self._release()
+
+    @staticmethod
+    def _copy(spooled, log):
+        spooled.seek(0)
+        shutil.copyfileobj(spooled, log)
+        spooled.close()
+
+    def _release(self):
+        if self._direct:
+            self._lock.release()
 
 
 # ---------------------------------------------------------------------------
 # Running a command on one client
 # ---------------------------------------------------------------------------
 
+STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "error")
+
+
 class Result:
     """What happened when a command ran on one client.
 
-    ``status`` is ``ok`` (exit code 0), ``failed`` (another exit code),
-    ``unreachable`` (the client could not be reached), ``auth`` (the
-    client refused the key) or ``error`` (anything else); ``error`` then
-    says why, in one line.
+    ``status`` is one of `STATUSES`: ``ok`` (exit code 0), ``failed``
+    (another exit code), ``timeout`` (the command ran past its limit and
+    was stopped), ``unreachable`` (the client could not be reached),
+    ``auth`` (the client refused the key) or ``error`` (anything else);
+    ``error`` then says why, in one line.  ``stdout`` and ``stderr`` hold
+    the end of the output; ``stdout_cut`` and ``stderr_cut`` count the
+    bytes left out before it (the log file has them all).
     """
 
     def __init__(self, client, command):
@@ -294,8 +366,9 @@ class Result:
         self.status = "error"
         self.exit_code = None
         self.error = None
-        self.stdout = ""
-        self.stderr = ""
+        self.stdout = self.stderr = ""
+        self.stdout_cut = self.stderr_cut = 0
+        self.digest = hashlib.sha256(b"").hexdigest()
         self.duration = 0.0
         self.log = None
 
@@ -316,8 +389,9 @@ class Result:
             "username": self.username, "status": self.status,
             "exit_code": self.exit_code, "error": self.error,
             "stdout": self.stdout, "stderr": self.stderr,
-            "started": self.started, "duration": round(self.duration, 3),
-            "log": self.log,
+            "stdout_cut": self.stdout_cut, "stderr_cut": self.stderr_cut,
+            "digest": self.digest, "started": self.started,
+            "duration": round(self.duration, 3), "log": self.log,
         }
 
     def __repr__(self):
@@ -359,39 +433,85 @@ def _describe_connect_error(exc, client, timeout):
     return "error", "%s: %s" % (type(exc).__name__, exc)
 
 
-def _drain(channel, out, err):
-    """Read stdout and stderr of *channel* until both end; feed decoders."""
+class _Stream:
+    """One output stream of a command: all of it to the log, its tail kept.
+
+    The log gets the text as it arrives, decoded incrementally so a UTF-8
+    character split across reads stays whole; bytes that are not UTF-8
+    become ``\\xNN`` escapes.  At most *limit* bytes, the latest, stay in
+    memory.
+    """
+
+    def __init__(self, sink, limit):
+        self._sink = sink
+        self._limit = limit
+        self._decoder = codecs.getincrementaldecoder("utf-8")(
+            "backslashreplace")
+        self._tail = bytearray()
+        self._hash = hashlib.sha256()
+        self.cut = 0
+
+    def feed(self, data):
+        self._sink.write(self._decoder.decode(data))
+        self._hash.update(data)
+        self._tail += data
+        if len(self._tail) > 2 * self._limit:
+            self._trim()
+
+    def _trim(self):
+        extra = len(self._tail) - self._limit
+        if extra > 0:
+            del self._tail[:extra]
+            self.cut += extra
+
+    def finish(self):
+        """Flush the log side; return ``(tail text, sha256 digest)``."""
+        self._sink.write(self._decoder.decode(b"", final=True))
+        self._trim()
+        tail = bytes(self._tail)
+        if self.cut:
+            # The cut may fall inside a character: start at the next one.
+            start = 0
+            while start < min(3, len(tail)) and 0x80 <= tail[start] < 0xC0:
+                start += 1
+            self.cut += start
+            tail = tail[start:]
+        return tail.decode("utf-8", "backslashreplace"), self._hash.digest()
+
+
+def _drain(channel, out, err, deadline):
+    """Feed *channel*'s stdout and stderr to the streams until both end.
+
+    Returns False if *deadline* (a `time.monotonic` value) came first.
+    """
     poller = select.poll()
     poller.register(channel.fileno(), select.POLLIN)
     while True:
         if channel.recv_ready():
-            out.append(channel.recv(READ_SIZE))
+            out.feed(channel.recv(READ_SIZE))
         elif channel.recv_stderr_ready():
-            err.append(channel.recv_stderr(READ_SIZE))
+            err.feed(channel.recv_stderr(READ_SIZE))
         elif channel.eof_received or channel.closed:
-            return
+            return True
         else:
-            poller.poll(1000)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(min(left, 1.0) * 1000)
 
 
-class _Output:
-    """Collects one stream's bytes as text, decoded incrementally.
+def _limited(command, timeout):
+    """A remote command line that runs *command* for at most *timeout* s.
 
-    UTF-8 is decoded whole even when a character is split across reads;
-    bytes that are not UTF-8 are kept as ``\\xNN`` escapes.
+    The command runs in the user's login shell, as sshd would run it, under
+    `timeout`, which ends the command's whole process group when the time
+    is up (then KILLs it 2 s later) even if the server is gone by then.
     """
-
-    def __init__(self):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(
-            "backslashreplace")
-        self._parts = []
-
-    def append(self, data):
-        self._parts.append(self._decoder.decode(data))
-
-    def text(self):
-        self._parts.append(self._decoder.decode(b"", final=True))
-        return "".join(self._parts)
+    quoted = shlex.quote(command)
+    return (
+        "if command -v timeout >/dev/null 2>&1; then "
+        "exec timeout -k 2 %g \"$SHELL\" -c %s; else exec \"$SHELL\" -c %s; "
+        "fi" % (timeout, quoted, quoted))
 
 
 class Client:
@@ -399,19 +519,24 @@ class Client:
 
     *address* is ``host``, ``host:port`` or ``[IPv6]:port``.  Commands run
     as *username* with the user's default SSH keys and agent, or with only
-    *ssh_key* when given.  Each run is appended to ``<address>.txt`` in
-    *log_dir*.
+    *ssh_key* when given, for at most *command_timeout* seconds.  Each run
+    is appended to ``<address>.txt`` in *log_dir*; at most *max_output*
+    bytes of each stream are kept in the Result.
     """
 
     def __init__(self, address, username=DEFAULT_USERNAME, *, id=None,
                  log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-                 ssh_key=None, ssh_config=None):
+                 command_timeout=DEFAULT_COMMAND_TIMEOUT,
+                 max_output=DEFAULT_MAX_OUTPUT, ssh_key=None,
+                 ssh_config=None):
         self.host, self.port = _parse_address(address)
         self.address = _format_address(self.host, self.port)
         self.username = _check_username(username)
         self.id = id or self.address
         self.log_dir = log_dir
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.max_output = max_output
         self.ssh_key = ssh_key
         self._ssh_config = ssh_config
 
@@ -434,26 +559,31 @@ class Client:
             config=self._ssh_config, connect_timeout=self.connect_timeout,
             connect_kwargs=options)
 
-    def run_command(self, command):
-        """Run *command* here, append it to the log, return a `Result`.
+    def run_command(self, command, timeout=None):
+        """Run *command* here, log it, and return a `Result`.
 
         Never raises for a problem on the client's side: a client that
-        cannot be reached or refuses the key gives a Result whose
+        cannot be reached, refuses the key or runs past *timeout* seconds
+        (default: the client's ``command_timeout``) gives a Result whose
         ``status`` says so.  The command gets no input (end of file at
         once) and its output is not echoed anywhere.
         """
         result = Result(self, command)
         clock = time.monotonic()
+        entry = _LogEntry(_log_path(self.log_dir, self.address),
+                          result.started, command, self.max_output)
+        result.log = entry.path
         try:
-            self._run(command, result)
+            self._run(command, timeout or self.command_timeout, result,
+                      entry)
         finally:
             result.duration = time.monotonic() - clock
-            result.log = _append_log(self.log_dir, result)
+            entry.close(result.outcome)
         logger.info("%s: %s: %s (%.2fs)", self.address, command,
                     result.outcome, result.duration)
         return result
 
-    def _run(self, command, result):
+    def _run(self, command, timeout, result, entry):
         cxn = self._connection()
         try:
             try:
@@ -462,31 +592,45 @@ class Client:
                 result.status, result.error = _describe_connect_error(
                     exc, self, self.connect_timeout)
                 return
-            self._execute(cxn, command, result)
+            self._execute(cxn, command, timeout, result, entry)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             result.status = "error"
             result.error = "connection to %s lost: %s" % (self.address, exc)
         finally:
             cxn.close()
 
-    @staticmethod
-    def _execute(cxn, command, result):
-        out, err = _Output(), _Output()
+    def _execute(self, cxn, command, timeout, result, entry):
+        out = _Stream(entry.stdout, self.max_output)
+        err = _Stream(entry.stderr, self.max_output)
         channel = cxn.create_session()
         try:
-            channel.exec_command(command)
+            started = time.monotonic()
+            channel.exec_command(_limited(command, timeout))
             channel.shutdown_write()
-            _drain(channel, out, err)
-            code = channel.recv_exit_status()
+            # The remote `timeout` stops the command; past this grace the
+            # server gives up waiting for it.
+            ended = _drain(channel, out, err, started + timeout + 5)
+            code = channel.recv_exit_status() if ended else -1
+            elapsed = time.monotonic() - started
         finally:
             channel.close()
-        result.stdout, result.stderr = out.text(), err.text()
-        if code < 0:
+        (result.stdout, out_digest), (result.stderr, err_digest) = (
+            out.finish(), err.finish())
+        result.stdout_cut, result.stderr_cut = out.cut, err.cut
+        result.digest = hashlib.sha256(out_digest + err_digest).hexdigest()
+        self._judge(result, code, elapsed, timeout)
+
+    @staticmethod
+    def _judge(result, code, elapsed, timeout):
+        if elapsed >= timeout and code in (-1, 124, 128 + signal.SIGKILL):
+            result.status = "timeout"
+            result.error = "ran past its %gs limit and was stopped" % timeout
+        elif code < 0:
             result.status = "error"
             result.error = "the command ended without an exit code"
-            return
-        result.exit_code = code
-        result.status = "ok" if code == 0 else "failed"
+        else:
+            result.exit_code = code
+            result.status = "ok" if code == 0 else "failed"
 
 
 # ---------------------------------------------------------------------------
@@ -667,22 +811,78 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        previous["username"]))
 
     def do_run(self):
-        form = self._read_form(("command",))
+        form = self._read_form(("command", "timeout", "stream"))
         command = _required(form, "command")
         if not command.strip():
             raise _HTTPProblem(400, "field 'command' is empty; send the "
-                              "shell command to run")
-        results = self.server.sugar.run(command)
+                               "shell command to run")
+        timeout = _seconds(form, "timeout", MAX_COMMAND_TIMEOUT)
+        stream = _flag(form, "stream")
+        futures = self.server.sugar.start_run(command, timeout)
+        if stream:
+            self._stream_run(command, futures)
+            return
+        results = [future.result() for future in futures]
         if self._wants_json():
             self._reply_json(200, _run_document(command, results))
         else:
             self._reply(200, _run_text(results))
+
+    def _stream_run(self, command, futures):
+        """Answer /run in chunks: a line per client as it ends, then all."""
+        ndjson = "application/x-ndjson" in (self.headers["Accept"] or "")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson" if ndjson
+                         else "text/plain; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        width = max([len(f.client.address) for f in futures] or [0])
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            self._send_chunk(
+                json.dumps(result.as_dict()) + "\n" if ndjson
+                else "%-*s  %s\n" % (width, result.address, result.outcome))
+        results = [future.result() for future in futures]
+        if ndjson:
+            document = _run_document(command, results)
+            del document["clients"]
+            self._send_chunk(json.dumps(document) + "\n")
+        else:
+            self._send_chunk(_run_text(results, outcomes=False))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _send_chunk(self, text):
+        data = text.encode("utf-8")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
 
 def _required(form, name):
     if name not in form:
         raise _HTTPProblem(400, "field %r is missing" % name)
     return form[name]
+
+
+def _seconds(form, name, most):
+    """The optional number of seconds in *form*, or None when absent."""
+    if name not in form:
+        return None
+    try:
+        value = float(form[name])
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= most:
+        raise _HTTPProblem(400, "field %r: %r is not a number of seconds "
+                           "from 0.1 to %d" % (name, form[name][:40], most))
+    return value
+
+
+def _flag(form, name):
+    value = form.get(name, "0")
+    if value not in ("0", "1"):
+        raise _HTTPProblem(400, "field %r: %r is not allowed; send 1 or 0"
+                           % (name, value[:40]))
+    return value == "1"
 
 
 def _requester_host(address):
@@ -692,41 +892,90 @@ def _requester_host(address):
     return str(mapped or ip)
 
 
+def _summary(results):
+    """``{status: [address, ...]}`` for the statuses that occurred."""
+    summary = {}
+    for status in STATUSES:
+        addresses = [r.address for r in results if r.status == status]
+        if addresses:
+            summary[status] = addresses
+    return summary
+
+
 def _totals(results):
     totals = {"clients": len(results)}
-    for result in results:
-        totals[result.status] = totals.get(result.status, 0) + 1
+    for status, addresses in _summary(results).items():
+        totals[status] = len(addresses)
     return totals
 
 
-def _totals_line(results):
-    totals = _totals(results)
-    counts = ", ".join("%d %s" % (n, status) for status, n in totals.items()
-                       if status != "clients")
-    return "%d clients: %s" % (totals["clients"], counts)
+def _groups(results):
+    """Clients with identical status, exit code and output, in order."""
+    groups = {}
+    for result in results:
+        key = (result.status, result.exit_code, result.digest)
+        groups.setdefault(key, []).append(result)
+    return list(groups.values())
 
 
-def _run_text(results):
-    """The terminal-friendly answer of /run."""
+def _run_text(results, outcomes=True):
+    """The terminal-friendly answer of /run.
+
+    A line per client with its outcome (unless *outcomes* is false, as
+    when they were already streamed), then each distinct output once under
+    the clients that printed it, then a recap of the clients per status.
+    """
     if not results:
         return ("no clients are registered, so nothing ran; register one "
                 "with: curl -d \"id=$(</etc/machine-id)\" SERVER/register\n")
-    width = max(len(r.address) for r in results)
-    lines = ["%-*s  %s" % (width, r.address, r.outcome) for r in results]
-    for result in results:
-        for name, text in (("stdout", result.stdout),
-                           ("stderr", result.stderr)):
-            if text:
-                lines.append("--- %s %s:" % (result.address, name))
-                lines.append(text.rstrip("\n"))
-    lines.append(_totals_line(results))
+    lines = []
+    if outcomes:
+        width = max(len(r.address) for r in results)
+        lines += ["%-*s  %s" % (width, r.address, r.outcome)
+                  for r in results]
+    for group in _groups(results):
+        lines += _output_lines(group)
+    lines.append(_recap(results))
     return "\n".join(lines) + "\n"
+
+
+def _output_lines(group):
+    """The output of a group of clients, under the list of them."""
+    first, lines = group[0], []
+    names = ", ".join(r.address for r in group)
+    for name, text, cut in (("stdout", first.stdout, first.stdout_cut),
+                            ("stderr", first.stderr, first.stderr_cut)):
+        if text:
+            lines.append("--- %s %s:" % (names, name))
+            if cut:
+                lines.append("[... %d bytes cut here; the log has them all]"
+                             % cut)
+            lines.append(text.rstrip("\n"))
+    return lines
+
+
+def _recap(results):
+    totals = _totals(results)
+    counts = ", ".join("%d %s" % (n, status) for status, n in totals.items()
+                       if status != "clients")
+    lines = ["%d clients: %s" % (totals["clients"], counts)]
+    if len(totals) > 2:
+        lines += ["%s: %s" % (status, ", ".join(addresses))
+                  for status, addresses in _summary(results).items()]
+    return "\n".join(lines)
 
 
 def _run_document(command, results):
     return {
         "command": command,
         "clients": [result.as_dict() for result in results],
+        "groups": [{
+            "clients": [r.address for r in group],
+            "status": group[0].status,
+            "exit_code": group[0].exit_code,
+            "digest": group[0].digest,
+        } for group in _groups(results)],
+        "summary": _summary(results),
         "totals": _totals(results),
     }
 
@@ -789,12 +1038,15 @@ class Server:
 
     def __init__(self, workers=DEFAULT_WORKERS, port=DEFAULT_PORT, *,
                  host="", registry=DEFAULT_REGISTRY, log_dir=".",
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, ssh_key=None):
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                 command_timeout=DEFAULT_COMMAND_TIMEOUT,
+                 max_output=DEFAULT_MAX_OUTPUT, ssh_key=None):
         self.workers = workers
         self.log_dir = log_dir
         self.registry = _Registry(registry)
         self._client_options = {
             "log_dir": log_dir, "connect_timeout": connect_timeout,
+            "command_timeout": command_timeout, "max_output": max_output,
             "ssh_key": ssh_key, "ssh_config": fabric.Config(),
         }
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -811,19 +1063,32 @@ class Server:
         """``(host, port)`` the server listens on."""
         return self._http.server_address[:2]
 
-    def run(self, command):
+    def run(self, command, timeout=None):
         """Run *command* on every registered client; return the Results.
 
         Clients are taken in a sliding window of at most ``workers`` at
         once; the list is in registry order (by address) and has one Result
-        per client, whatever happened to the others.
+        per client, whatever happened to the others.  *timeout* bounds the
+        command on each client (default: the server's command timeout).
+        """
+        return [future.result()
+                for future in self.start_run(command, timeout)]
+
+    def start_run(self, command, timeout=None):
+        """Start `run` and return its futures, in registry order.
+
+        Each future has a ``client`` attribute and gives that client's
+        Result.
         """
         clients = [Client.from_entry(entry, **self._client_options)
                    for entry in self.registry.clients()]
         logger.info("running %r on %d clients", command, len(clients))
-        futures = [self._pool.submit(client.run_command, command)
-                   for client in clients]
-        return [future.result() for future in futures]
+        futures = []
+        for client in clients:
+            future = self._pool.submit(client.run_command, command, timeout)
+            future.client = client
+            futures.append(future)
+        return futures
 
     def serve(self):
         """Answer requests until `shutdown`; then release everything."""
@@ -883,6 +1148,11 @@ def settings_from_environ(environ):
         "connect_timeout": _number(environ, "CONNECT_TIMEOUT",
                                    DEFAULT_CONNECT_TIMEOUT, float, 0.1,
                                    3600, " seconds"),
+        "command_timeout": _number(environ, "COMMAND_TIMEOUT",
+                                   DEFAULT_COMMAND_TIMEOUT, float, 0.1,
+                                   MAX_COMMAND_TIMEOUT, " seconds"),
+        "max_output": _number(environ, "MAX_OUTPUT", DEFAULT_MAX_OUTPUT,
+                              int, 1024, 1024 ** 3, " bytes"),
         "host": environ.get("HOST", ""),
         "registry": environ.get("REGISTRY", "") or DEFAULT_REGISTRY,
         "log_dir": environ.get("LOG_DIR", "") or ".",

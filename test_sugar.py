@@ -6,7 +6,9 @@ real too, on a free port, and every request goes over real HTTP.
 """
 
 import getpass
+import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -248,8 +250,8 @@ def test_readme_curl_lines_register_and_run_as_written(
     width = max(len(sshd.address) for sshd in fleet)
     expected = ["%-*s  exit code 0" % (width, sshd.address)
                 for sshd in sorted(fleet, key=lambda s: s.ip)]
-    for sshd in sorted(fleet, key=lambda s: s.ip):
-        expected += ["--- %s stdout:" % sshd.address, "root"]
+    expected += ["--- %s stdout:" % ", ".join(
+        sshd.address for sshd in sorted(fleet, key=lambda s: s.ip)), "root"]
     expected.append("3 clients: 3 ok")
     assert answer == "\n".join(expected) + "\n"
 
@@ -384,10 +386,10 @@ def test_run_appends_the_exact_entry_to_the_clients_log(server, make_sshd):
     assert server.log_files() == [sshd.address.replace(":", "_") + ".txt"]
     assert re.fullmatch(
         "=== (%s)\ncommand: echo out; echo err >&2; exit 3\n"
-        "result: exit code 3\n--- stdout ---\nout\n--- stderr ---\nerr\n"
+        "--- stdout ---\nout\n--- stderr ---\nerr\nresult: exit code 3\n"
         "=== end\n\n"
-        "=== %s\ncommand: echo again\nresult: exit code 0\n"
-        "--- stdout ---\nagain\n--- stderr ---\n=== end\n\n" % (STAMP, STAMP),
+        "=== %s\ncommand: echo again\n--- stdout ---\nagain\n"
+        "--- stderr ---\nresult: exit code 0\n=== end\n\n" % (STAMP, STAMP),
         server.read_log(sshd)).group(1) == result["started"]
 
 
@@ -413,12 +415,17 @@ def test_run_as_json_has_every_field(server, make_sshd):
     [client] = document["clients"]
     assert set(client) == {"id", "address", "username", "status",
                            "exit_code", "error", "stdout", "stderr",
+                           "stdout_cut", "stderr_cut", "digest",
                            "started", "duration", "log"}
     assert (client["id"], client["address"], client["username"],
             client["status"], client["exit_code"], client["error"],
             client["stdout"], client["stderr"]) == (
         "id-%s" % sshd.ip.replace(".", "-"), sshd.address, USER, "ok", 0,
         None, "hello", "")
+    assert (client["stdout_cut"], client["stderr_cut"]) == (0, 0)
+    assert client["digest"] == hashlib.sha256(
+        hashlib.sha256(b"hello").digest()
+        + hashlib.sha256(b"").digest()).hexdigest()
     assert re.fullmatch(STAMP, client["started"])
     assert 0 < client["duration"] < 60
     assert client["log"] == os.path.join(
@@ -426,6 +433,10 @@ def test_run_as_json_has_every_field(server, make_sshd):
         sshd.address.replace(":", "_") + ".txt")
     assert document["command"] == "printf hello"
     assert document["totals"] == {"clients": 1, "ok": 1}
+    assert document["summary"] == {"ok": [sshd.address]}
+    assert document["groups"] == [{"clients": [sshd.address], "status": "ok",
+                                   "exit_code": 0,
+                                   "digest": client["digest"]}]
 
 
 def test_run_with_no_clients_says_there_were_none(server):
@@ -535,10 +546,21 @@ def test_multibyte_output_across_read_boundaries_is_kept_whole(
 def test_split_characters_are_decoded_whole_at_any_split():
     data = ("a\u00e9\u20ac\U0001f600" * 3).encode("utf-8")
     for size in range(1, 8):
-        output = sugar._Output()
+        log = io.StringIO()
+        stream = sugar._Stream(sugar._Sink(log), 1024)
         for start in range(0, len(data), size):
-            output.append(data[start:start + size])
-        assert output.text() == data.decode("utf-8")
+            stream.feed(data[start:start + size])
+        assert stream.finish()[0] == log.getvalue() == data.decode("utf-8")
+
+
+def test_a_cut_tail_starts_at_a_whole_character():
+    data = ("\u20ac" * 2000).encode("utf-8")
+    for limit in (1024, 1025, 1026):
+        stream = sugar._Stream(sugar._Sink(io.StringIO()), limit)
+        stream.feed(data)
+        tail, _ = stream.finish()
+        assert set(tail) == {"\u20ac"}
+        assert stream.cut + len(tail.encode("utf-8")) == len(data)
 
 
 def test_workers_caps_the_sessions_open_at_once(tmp_path, user_key,
@@ -579,7 +601,8 @@ def test_library_client_runs_a_command_and_logs_it(tmp_path, user_key,
     assert result.ok
     with open(os.path.join(tmp_path, sshd.address.replace(":", "_")
                            + ".txt"), encoding="utf-8") as log:
-        assert "command: echo library\nresult: exit code 0\n" in log.read()
+        assert "command: echo library\n--- stdout ---\nlibrary\n" \
+            "--- stderr ---\nresult: exit code 0\n" in log.read()
 
 
 def test_log_file_names_stay_inside_the_log_folder():
