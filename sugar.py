@@ -398,8 +398,11 @@ class Result:
         return "<Result %s %s>" % (self.address, self.outcome)
 
 
-def _describe_connect_error(exc, client, timeout):
-    """Map a connection failure to ``(status, one line for a person)``."""
+def _describe_connect_error(exc, client, timeout, spoke):
+    """Map a connection failure to ``(status, one line for a person)``.
+
+    *spoke* tells whether the client's end answered in SSH at all.
+    """
     where = "%s port %d" % (client.host, client.port)
     if isinstance(exc, paramiko.AuthenticationException):
         return "auth", (
@@ -415,8 +418,7 @@ def _describe_connect_error(exc, client, timeout):
             "cannot resolve host name %r; check the address registered for "
             "it" % client.host)
     if isinstance(exc, (socket.timeout, TimeoutError)) or (
-            isinstance(exc, paramiko.SSHException)
-            and "banner" in str(exc)):
+            isinstance(exc, paramiko.SSHException) and not spoke):
         return "unreachable", (
             "timed out connecting to %s after %gs; check that sshd answers "
             "there" % (where, timeout))
@@ -547,7 +549,10 @@ class Client:
                    entry["username"], id=entry["id"], **options)
 
     def _connection(self):
+        # Fabric rounds connect_timeout down to whole seconds (and 0 means
+        # none), so the timeouts go to paramiko as they are.
         options = {
+            "timeout": self.connect_timeout,
             "banner_timeout": self.connect_timeout,
             "auth_timeout": self.connect_timeout,
         }
@@ -556,8 +561,7 @@ class Client:
                            allow_agent=False)
         return fabric.Connection(
             self.host, user=self.username, port=self.port,
-            config=self._ssh_config, connect_timeout=self.connect_timeout,
-            connect_kwargs=options)
+            config=self._ssh_config, connect_kwargs=options)
 
     def run_command(self, command, timeout=None):
         """Run *command* here, log it, and return a `Result`.
@@ -589,8 +593,10 @@ class Client:
             try:
                 cxn.open()
             except (OSError, paramiko.SSHException, EOFError) as exc:
+                transport = cxn.client.get_transport()
+                spoke = bool(transport and transport.remote_version)
                 result.status, result.error = _describe_connect_error(
-                    exc, self, self.connect_timeout)
+                    exc, self, self.connect_timeout, spoke)
                 return
             self._execute(cxn, command, timeout, result, entry)
         except (OSError, paramiko.SSHException, EOFError) as exc:

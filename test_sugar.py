@@ -136,7 +136,8 @@ class Running:
         self.registry = os.path.join(folder, "registry")
         self.options = dict(host="127.0.0.1", registry=self.registry,
                             log_dir=self.log_dir, ssh_key=user_key,
-                            connect_timeout=5, **options)
+                            connect_timeout=5)
+        self.options.update(options)
         self.start()
 
     def start(self):
@@ -802,3 +803,280 @@ def test_all_names_the_public_surface():
     assert sorted(sugar.__all__) == sorted(
         name for name in vars(sugar) if not name.startswith("_")
         and getattr(getattr(sugar, name), "__module__", None) == "sugar")
+
+
+# ---------------------------------------------------------------------------
+# Statuses, timeouts, bounded output, grouping, streaming
+# ---------------------------------------------------------------------------
+
+def sleeping(marker):
+    """Pids of processes whose command line is exactly ``sleep <marker>``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
+                if cmdline.read() == b"sleep\0%s\0" % marker.encode():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_timeout_stops_the_slow_command_and_not_the_others(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+    slow = fleet[1]
+    command = "case \"$SSH_CONNECTION\" in *' %s '*) sleep 600.25;; esac; " \
+        "echo done" % slow.ip
+    clock = time.monotonic()
+
+    status, _, body = server.post("/run", {"Accept": "application/json"},
+                                  command=command, timeout="2")
+
+    took = time.monotonic() - clock
+    outcomes = {c["address"]: (c["status"], c["exit_code"], c["error"],
+                               c["stdout"])
+                for c in json.loads(body)["clients"]}
+    expected = {sshd.address: ("ok", 0, None, "done\n") for sshd in fleet}
+    expected[slow.address] = ("timeout", None, "ran past its 2s limit and "
+                              "was stopped", "")
+    assert outcomes == expected
+    assert 2 <= took < 8, took
+    deadline = time.monotonic() + 5
+    while sleeping("600.25") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleeping("600.25") == []
+    assert "result: timeout: ran past its 2s limit and was stopped\n" in \
+        server.read_log(slow)
+
+
+def test_command_timeout_setting_is_the_default_limit(
+        tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "t"), user_key, command_timeout=1)
+    try:
+        running.register(make_sshd())
+        [client] = running.run_json("sleep 30.5")["clients"]
+    finally:
+        running.stop()
+
+    assert (client["status"], client["error"]) == (
+        "timeout", "ran past its 1s limit and was stopped")
+
+
+def test_a_client_that_never_speaks_ssh_is_unreachable(
+        tmp_path, user_key):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    running = Running(str(tmp_path / "silent"), user_key,
+                      connect_timeout=1.5)
+    try:
+        running.post("/register", id="silent", address="127.0.0.1:%d" % port)
+        clock = time.monotonic()
+        [client] = running.run_json("true")["clients"]
+        took = time.monotonic() - clock
+    finally:
+        running.stop()
+        listener.close()
+
+    assert (client["status"], client["error"]) == ("unreachable", (
+        "timed out connecting to 127.0.0.1 port %d after 1.5s; check that "
+        "sshd answers there" % port))
+    assert took < 6, took
+
+
+def test_every_status_is_counted_and_listed_in_the_recap(
+        server, make_sshd):
+    good, bad, refused, stopped = (make_sshd() for _ in range(4))
+    for sshd in (good, bad, refused, stopped):
+        server.register(sshd)
+    open(refused.authorized, "w").close()
+    stopped.stop()
+
+    status, _, body = server.post(
+        "/run", command="case \"$SSH_CONNECTION\" in *' %s '*) exit 4;; "
+        "esac" % bad.ip)
+
+    assert status == 200
+    assert body.endswith(
+        "4 clients: 1 ok, 1 failed, 1 unreachable, 1 auth\n"
+        "ok: %s\nfailed: %s\nunreachable: %s\nauth: %s\n"
+        % (good.address, bad.address, stopped.address, refused.address))
+
+
+def test_identical_output_is_shown_once_under_its_clients(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+    odd = fleet[2]
+    command = "echo same; case \"$SSH_CONNECTION\" in *' %s '*) " \
+        "echo other >&2;; esac" % odd.ip
+
+    text = server.post("/run", command=command)[2]
+    document = server.run_json(command)
+
+    together = ", ".join(s.address for s in fleet[:2])
+    assert text.split("\n")[3:] == [
+        "--- %s stdout:" % together, "same",
+        "--- %s stdout:" % odd.address, "same",
+        "--- %s stderr:" % odd.address, "other",
+        "3 clients: 3 ok", ""]
+    same = [c["digest"] for c in document["clients"]]
+    assert same[0] == same[1] != same[2]
+    assert document["groups"] == [
+        {"clients": [s.address for s in fleet[:2]], "status": "ok",
+         "exit_code": 0, "digest": same[0]},
+        {"clients": [odd.address], "status": "ok", "exit_code": 0,
+         "digest": same[2]}]
+    assert len(document["clients"]) == 3
+
+
+def test_output_over_the_limit_keeps_the_tail_and_says_so(
+        tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "cap"), user_key, max_output=1024)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        command = "seq 1 2000"
+        [client] = running.run_json(command)["clients"]
+        text = running.post("/run", command=command)[2]
+        log = running.read_log(sshd)
+    finally:
+        running.stop()
+
+    whole = "".join("%d\n" % n for n in range(1, 2001))
+    assert client["stdout"] == whole[-1024:]
+    assert client["stdout_cut"] == len(whole) - 1024
+    assert "--- %s stdout:\n[... %d bytes cut here; the log has them " \
+        "all]\n%s" % (sshd.address, len(whole) - 1024,
+                      whole[-1024:]) in text
+    assert log.count("--- stdout ---\n%s--- stderr ---\n" % whole) == 2
+
+
+def read_rss(pid, field):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def test_50_mb_from_two_clients_stays_out_of_memory_and_whole_in_logs(
+        tmp_path, user_key, make_sshd):
+    hosts = [make_sshd(), make_sshd()]
+    port = free_port()
+    process = launch(tmp_path, {
+        "PORT": str(port), "HOST": "127.0.0.1", "SSH_KEY": user_key,
+        "LOG_DIR": "logs", "LOGGING": "WARNING"})
+    try:
+        for sshd in hosts:
+            connection = http.client.HTTPConnection("127.0.0.1", port)
+            connection.request("POST", "/register", urllib.parse.urlencode(
+                {"id": "id-" + sshd.ip.replace(".", "-"),
+                 "address": sshd.address, "username": USER}), FORM)
+            assert connection.getresponse().status == 201
+        before = read_rss(process.pid, "VmRSS")
+        line = "0123456789abcdefghijklmnopqrstuvwxyz" * 2 + "\n"
+        copies = 50 * 1000 * 1000 // len(line)
+        connection = http.client.HTTPConnection("127.0.0.1", port,
+                                                timeout=300)
+        connection.request("POST", "/run", urllib.parse.urlencode({
+            "command": "yes %s | head -n %d" % (line.strip(), copies)}),
+            dict(FORM, Accept="application/json"))
+        document = json.loads(connection.getresponse().read())
+        peak = read_rss(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+    growth = peak - before
+    print("peak memory growth for 2 x %d bytes: %.1f MiB"
+          % (len(line) * copies, growth / 2 ** 20))
+    assert growth < 64 * 2 ** 20
+    assert document["totals"] == {"clients": 2, "ok": 2}
+    expected = (line * copies).encode()
+    for client in document["clients"]:
+        assert client["stdout_cut"] == len(expected) - 2 ** 20
+        assert client["digest"] == hashlib.sha256(
+            hashlib.sha256(expected).digest()
+            + hashlib.sha256(b"").digest()).hexdigest()
+        with open(client["log"], "rb") as log:
+            content = log.read()
+        start = content.index(b"--- stdout ---\n") + len("--- stdout ---\n")
+        end = content.index(b"--- stderr ---\n", start)
+        assert content[start:end] == expected
+
+
+def test_3000_accented_characters_are_logged_without_replacement(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    server.run_json("for i in $(seq 3000); do printf '\\303\\251'; done")
+
+    log = server.read_log(sshd)
+    assert "\ufffd" not in log
+    assert "--- stdout ---\n%s\n--- stderr ---" % ("\u00e9" * 3000) in log
+
+
+def test_streamed_run_shows_the_fast_client_before_the_slow_one_ends(
+        server, make_sshd, tmp_path):
+    fast, slow = make_sshd(), make_sshd()
+    server.register(fast)
+    server.register(slow)
+    ended = tmp_path / "slow-ended"
+    connection = http.client.HTTPConnection(server.host, server.port,
+                                            timeout=60)
+    connection.request("POST", "/run", urllib.parse.urlencode({
+        "command": "case \"$SSH_CONNECTION\" in *' %s '*) sleep 3; "
+        "date +%%s.%%N > %s;; esac; echo hi" % (slow.ip, ended),
+        "stream": "1"}), FORM)
+    response = connection.getresponse()
+
+    first = response.readline().decode()
+    first_at = time.time()
+    rest = response.read().decode()
+
+    width = max(len(fast.address), len(slow.address))
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert first == "%-*s  exit code 0\n" % (width, fast.address)
+    assert first_at < float(ended.read_text())
+    assert rest == "%-*s  exit code 0\n--- %s, %s stdout:\nhi\n" \
+        "2 clients: 2 ok\n" % (width, slow.address, fast.address,
+                               slow.address)
+
+
+def test_streamed_run_as_json_lines(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    status, headers, body = server.post(
+        "/run", {"Accept": "application/x-ndjson"}, command="echo x",
+        stream="1")
+
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert (status, headers["Content-Type"]) == (200,
+                                                  "application/x-ndjson")
+    assert [(line.get("address"), line.get("stdout")) for line in lines] \
+        == [(sshd.address, "x\n"), (None, None)]
+    assert lines[1]["totals"] == {"clients": 1, "ok": 1}
+    assert lines[1]["summary"] == {"ok": [sshd.address]}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"timeout": "abc"}, "field 'timeout': 'abc' is not a number of "
+     "seconds from 0.1 to 604800"),
+    ({"timeout": "0"}, "field 'timeout': '0' is not a number of seconds "
+     "from 0.1 to 604800"),
+    ({"timeout": "nan"}, "field 'timeout': 'nan' is not a number of "
+     "seconds from 0.1 to 604800"),
+    ({"stream": "yes"}, "field 'stream': 'yes' is not allowed; send 1 or "
+     "0"),
+])
+def test_bad_run_fields_are_refused(server, make_sshd, fields, message):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    status, _, body = server.post("/run", command="touch /tmp/ran", **fields)
+
+    assert (status, body) == (400, message + "\n")
+    assert server.log_files() == []
