@@ -837,10 +837,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _stream_run(self, command, futures):
         """Answer /run in chunks: a line per client as it ends, then all."""
         ndjson = "application/x-ndjson" in (self.headers["Accept"] or "")
+        self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson" if ndjson
                          else "text/plain; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         self.end_headers()
         width = max([len(f.client.address) for f in futures] or [0])
         for future in concurrent.futures.as_completed(futures):
@@ -855,11 +859,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_chunk(json.dumps(document) + "\n")
         else:
             self._send_chunk(_run_text(results, outcomes=False))
-        self.wfile.write(b"0\r\n\r\n")
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _send_chunk(self, text):
+        """Send *text* now, as a chunk unless the client speaks HTTP/1.0."""
         data = text.encode("utf-8")
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.wfile.write(data)
         self.wfile.flush()
 
 
@@ -961,13 +969,16 @@ def _output_lines(group):
 
 
 def _recap(results):
+    """Counts per status, then the clients of each (unless all are ok)."""
     totals = _totals(results)
     counts = ", ".join("%d %s" % (n, status) for status, n in totals.items()
                        if status != "clients")
-    lines = ["%d clients: %s" % (totals["clients"], counts)]
-    if len(totals) > 2:
+    lines = ["%d client%s: %s" % (len(results), "s"[len(results) == 1:],
+                                  counts)]
+    summary = _summary(results)
+    if list(summary) != ["ok"]:
         lines += ["%s: %s" % (status, ", ".join(addresses))
-                  for status, addresses in _summary(results).items()]
+                  for status, addresses in summary.items()]
     return "\n".join(lines)
 
 

@@ -404,7 +404,8 @@ def test_run_answers_one_line_per_client_then_output_then_totals(
     assert status == 200
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
     assert body == ("%s  exit code 1\n--- %s stdout:\nhi\n"
-                    "1 clients: 1 failed\n" % (sshd.address, sshd.address))
+                    "1 client: 1 failed\nfailed: %s\n"
+                    % (sshd.address, sshd.address, sshd.address))
 
 
 def test_run_as_json_has_every_field(server, make_sshd):
