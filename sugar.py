@@ -40,8 +40,10 @@ __all__ = [
 
 import codecs
 import concurrent.futures
+import copy
 import datetime
 import errno
+import fnmatch
 import hashlib
 import http.server
 import ipaddress
@@ -73,6 +75,8 @@ DEFAULT_COMMAND_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 MAX_COMMAND_TIMEOUT = 7 * 24 * 3600
 DEFAULT_REGISTRY = "sugar-registry"
+DEFAULT_JOBS = "sugar-jobs"
+DEFAULT_KEEP_JOBS = 1000
 DEFAULT_USERNAME = "root"
 MAX_WORKERS = 1024
 MAX_BODY = 64 * 1024
@@ -193,9 +197,10 @@ class _Registry:
     """The registered clients, in a shelf keyed by client id.
 
     Each entry is a dict with ``id``, ``host``, ``port``, ``username``,
-    ``registered`` and ``last_seen``.  A shelf allows one writer at a time,
-    so every access holds the registry's lock; each change is synced to disk
-    before the call returns.
+    ``registered``, ``last_seen`` and ``last_run`` (None, or the ``job``,
+    ``status``, ``outcome`` and ``time`` of the client's latest run).  A
+    shelf allows one writer at a time, so every access holds the
+    registry's lock; each change is synced to disk before the call returns.
     """
 
     def __init__(self, path):
@@ -215,10 +220,36 @@ class _Registry:
                 "username": username,
                 "registered": previous["registered"] if previous else stamp,
                 "last_seen": stamp,
+                "last_run": previous.get("last_run") if previous else None,
             }
             self._shelf[client_id] = entry
             self._shelf.sync()
         return entry, previous
+
+    def get(self, client_id):
+        """The entry of *client_id*, or None."""
+        with self._lock:
+            return self._shelf.get(client_id)
+
+    def remove(self, client_id):
+        """Remove *client_id*; return its entry, or None if unknown."""
+        with self._lock:
+            entry = self._shelf.pop(client_id, None)
+            self._shelf.sync()
+        return entry
+
+    def note_runs(self, job_id, results):
+        """Record each result as its client's last run."""
+        with self._lock:
+            for result in results:
+                entry = self._shelf.get(result.id)
+                if entry is not None and result.status != "stale":
+                    entry["last_run"] = {
+                        "job": job_id, "status": result.status,
+                        "outcome": result.outcome, "time": result.started,
+                    }
+                    self._shelf[result.id] = entry
+            self._shelf.sync()
 
     def clients(self):
         """Every entry, ordered by address."""
@@ -229,6 +260,54 @@ class _Registry:
     def close(self):
         with self._lock:
             self._shelf.close()
+
+
+def _address_of(entry):
+    return _format_address(entry["host"], entry["port"])
+
+
+def _age(stamp):
+    """Seconds since the `_timestamp` *stamp*."""
+    moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (_now() - moment).total_seconds()
+
+
+def _parse_target(target):
+    """Split a target into ``(include patterns, exclude patterns)``."""
+    include, exclude = [], []
+    for pattern in target.split(","):
+        pattern = pattern.strip()
+        if pattern.startswith("!"):
+            exclude.append(pattern[1:])
+        else:
+            include.append(pattern)
+        if not pattern.lstrip("!"):
+            raise _BadField("target", (
+                "%r has an empty pattern; send comma-separated globs such "
+                "as web*,10.0.0.*,!web3" % target[:200]))
+    return include, exclude
+
+
+def _matches(entry, patterns):
+    names = (entry["id"], entry["host"], _address_of(entry))
+    return any(fnmatch.fnmatchcase(name, pattern)
+               for pattern in patterns for name in names)
+
+
+def _select(entries, target):
+    """The entries *target* picks, and those it names exactly.
+
+    No target picks every entry.  Raises _BadField for an empty pattern.
+    """
+    if not target:
+        return entries, []
+    include, exclude = _parse_target(target)
+    chosen = [e for e in entries
+              if (not include or _matches(e, include))
+              and not _matches(e, exclude)]
+    named = [e["id"] for e in chosen
+             if {e["id"], e["host"], _address_of(e)} & set(include)]
+    return chosen, named
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +421,8 @@ class _LogEntry:
 # Running a command on one client
 # ---------------------------------------------------------------------------
 
-STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "error")
+STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "error",
+            "stale")
 
 
 class Result:
@@ -393,6 +473,13 @@ class Result:
             "digest": self.digest, "started": self.started,
             "duration": round(self.duration, 3), "log": self.log,
         }
+
+    @classmethod
+    def from_dict(cls, document):
+        """A Result from its `as_dict` form, as a job record keeps it."""
+        result = cls.__new__(cls)
+        result.__dict__.update(document)
+        return result
 
     def __repr__(self):
         return "<Result %s %s>" % (self.address, self.outcome)
@@ -640,6 +727,176 @@ class Client:
 
 
 # ---------------------------------------------------------------------------
+# Jobs: every run, kept
+# ---------------------------------------------------------------------------
+
+IDEMPOTENCY_DAYS = 1
+
+
+class _JobStore:
+    """Job records in a shelf, keyed by job id; the newest *keep* stay.
+
+    Besides records (under their id, a decimal string), the shelf holds
+    ``next`` (the next job id), ``oldest`` (the oldest id maybe still kept)
+    and ``key:<Idempotency-Key>`` entries (``(job id, fingerprint,
+    time)``).  Records still ``running`` when the store is opened were cut
+    short by a crash and are marked ``interrupted``.
+    """
+
+    def __init__(self, path, keep):
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._shelf = shelve.open(path)
+        self._mark_interrupted()
+
+    def _mark_interrupted(self):
+        for key in list(self._shelf.keys()):
+            if key.isdigit() and self._shelf[key]["state"] == "running":
+                record = self._shelf[key]
+                record["state"] = "interrupted"
+                self._shelf[key] = record
+        self._shelf.sync()
+
+    def new_id(self):
+        with self._lock:
+            job_id = self._shelf.get("next", 1)
+            self._shelf["next"] = job_id + 1
+            self._shelf.sync()
+        return job_id
+
+    def save(self, record):
+        """Store *record* and drop the records past the newest `keep`."""
+        with self._lock:
+            self._shelf[str(record["id"])] = record
+            if record.get("key"):
+                self._shelf["key:" + record["key"]] = (
+                    record["id"], record["fingerprint"], time.time())
+            self._prune(self._shelf.get("next", 1) - self.keep)
+            self._shelf.sync()
+
+    def _prune(self, below):
+        oldest = self._shelf.get("oldest", 1)
+        for job_id in range(oldest, below):
+            record = self._shelf.pop(str(job_id), None)
+            if record and record.get("key"):
+                self._shelf.pop("key:" + record["key"], None)
+        self._shelf["oldest"] = max(oldest, below)
+
+    def get(self, job_id):
+        with self._lock:
+            return self._shelf.get(str(job_id))
+
+    def by_key(self, key):
+        """``(job id, fingerprint)`` of a key used in the last day."""
+        with self._lock:
+            found = self._shelf.get("key:" + key)
+        if found and time.time() - found[2] < IDEMPOTENCY_DAYS * 86400:
+            return found[:2]
+        return None
+
+    def recent(self, limit):
+        """Up to *limit* records, newest first."""
+        with self._lock:
+            newest = self._shelf.get("next", 1) - 1
+            oldest = self._shelf.get("oldest", 1)
+            records = []
+            for job_id in range(newest, oldest - 1, -1):
+                if len(records) == limit:
+                    break
+                record = self._shelf.get(str(job_id))
+                if record:
+                    records.append(record)
+        return records
+
+    def close(self):
+        with self._lock:
+            self._shelf.close()
+
+
+class _Job:
+    """A run in progress: its record and its clients' futures.
+
+    When the last future is done, the record gets every client's result
+    and is passed to *on_finish*; then `done` is set.
+    """
+
+    def __init__(self, record, on_finish):
+        self.record = record
+        self.futures = []
+        self.done = threading.Event()
+        self._on_finish = on_finish
+        self._lock = threading.Lock()
+        self._left = 0
+        self.replayed = False
+
+    @classmethod
+    def from_record(cls, record):
+        """A finished job as kept in the store."""
+        job = cls(record, None)
+        for document in record["clients"]:
+            future = concurrent.futures.Future()
+            future.set_result(Result.from_dict(document))
+            future.address = document["address"]
+            job.futures.append(future)
+        job.done.set()
+        return job
+
+    def start(self, futures):
+        """Follow *futures*, one per client, in registry order."""
+        self.futures = futures
+        self._left = len(futures)
+        if not futures:
+            self._finish()
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    @property
+    def id(self):
+        return self.record["id"]
+
+    def _one_done(self, future):
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish()
+
+    def _finish(self):
+        self.record["clients"] = [r.as_dict() for r in self.results()]
+        self.record["ended"] = _timestamp()
+        self.record["state"] = "finished"
+        try:
+            self._on_finish(self)
+        finally:
+            self.done.set()
+
+    def results(self):
+        """The Results of the clients done so far, in registry order."""
+        return [f.result() for f in self.futures if f.done()]
+
+    def snapshot(self):
+        """The record as it stands, with the results so far."""
+        record = dict(self.record)
+        if not self.done.is_set():
+            record["clients"] = [r.as_dict() for r in self.results()]
+        return record
+
+
+def _fingerprint(form):
+    """What makes two /run requests the same, for Idempotency-Key."""
+    same = {k: v for k, v in form.items() if k not in ("async", "stream")}
+    return json.dumps(same, sort_keys=True)
+
+
+class _Refused(Exception):
+    """A run that cannot start: an HTTP status and one line saying why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------
 # HTTP interface
 # ---------------------------------------------------------------------------
 
@@ -661,11 +918,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "Sugar"
     timeout = REQUEST_TIMEOUT
-    routes = {
-        "/": {"GET": "usage"},
-        "/register": {"POST": "register"},
-        "/run": {"POST": "run"},
-    }
+    routes = (
+        ("/", {"GET": "usage"}),
+        ("/register", {"POST": "register"}),
+        ("/run", {"POST": "run"}),
+        ("/clients", {"GET": "list_clients"}),
+        ("/clients/<id>", {"GET": "show_client", "DELETE": "delete_client"}),
+        ("/jobs", {"GET": "list_jobs"}),
+        ("/jobs/<id>", {"GET": "show_job"}),
+    )
 
     def log_message(self, format, *args):
         logger.info("%s %s", self.address_string(), format % args)
@@ -697,27 +958,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _reply_json(self, status, document):
-        self._reply(status, json.dumps(document, indent=2),
+    def _reply_json(self, status, document, headers=None):
+        self._reply(status, json.dumps(document, indent=2), headers,
                     content_type="application/json")
 
     def _wants_json(self):
         accept = getattr(self, "headers", None) and self.headers["Accept"]
         return bool(accept) and "application/json" in accept
 
+    def _route(self, path):
+        """``(methods, arguments)`` of the route *path* takes, or 404."""
+        parts = path.split("/")
+        for pattern, methods in self.routes:
+            wanted = pattern.split("/")
+            if len(wanted) == len(parts) and all(
+                    w == p or (w == "<id>" and p)
+                    for w, p in zip(wanted, parts)):
+                return methods, [urllib.parse.unquote(p) for w, p
+                                 in zip(wanted, parts) if w == "<id>"]
+        raise _HTTPProblem(404, "no such path: %r; Sugar answers %s" % (
+            path[:200], ", ".join(pattern for pattern, _ in self.routes)))
+
     def _dispatch(self):
         try:
             path = urllib.parse.urlsplit(self.path).path
-            methods = self.routes.get(path)
-            if methods is None:
-                raise _HTTPProblem(404, "no such path: %r; Sugar answers %s"
-                                  % (path, ", ".join(self.routes)))
+            methods, arguments = self._route(path)
             if self.command not in methods:
                 allowed = ", ".join(sorted(methods))
                 raise _HTTPProblem(405, "%s is not allowed on %s; use %s"
-                                  % (self.command, path, allowed),
-                                  {"Allow": allowed})
-            getattr(self, "do_" + methods[self.command])()
+                                   % (self.command, path[:200], allowed),
+                                   {"Allow": allowed})
+            getattr(self, "do_" + methods[self.command])(*arguments)
         except _HTTPProblem as exc:
             self._reply(exc.status, str(exc), exc.headers)
         except (ConnectionError, socket.timeout):
@@ -731,6 +1002,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "the details", {"Connection": "close"})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
+
+    def _read_query(self, allowed):
+        """The query string as a dict; 400 for an unknown or repeated name."""
+        query = urllib.parse.urlsplit(self.path).query
+        return self._parse_form(query.encode("latin-1"), allowed, "query")
 
     def _read_form(self, allowed):
         """The urlencoded body as a dict of single values.
@@ -762,7 +1038,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._parse_form(body, allowed)
 
     @staticmethod
-    def _parse_form(body, allowed):
+    def _parse_form(body, allowed, kind="field"):
         try:
             pairs = urllib.parse.parse_qsl(
                 body.decode("utf-8"), keep_blank_values=True,
@@ -777,12 +1053,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         form = {}
         for name, value in pairs:
             if name not in allowed:
-                raise _HTTPProblem(400, "field %r is unknown; this endpoint "
-                                  "takes %s" % (name[:40],
-                                                ", ".join(allowed)))
+                raise _HTTPProblem(400, "%s %r is unknown; this endpoint "
+                                   "takes %s" % (kind, name[:40],
+                                                 ", ".join(allowed)
+                                                 or "none"))
             if name in form:
-                raise _HTTPProblem(400, "field %r is given twice; send it "
-                                  "once" % name)
+                raise _HTTPProblem(400, "%s %r is given twice; send it "
+                                   "once" % (kind, name))
             form[name] = value
         return form
 
@@ -817,48 +1094,113 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        previous["username"]))
 
     def do_run(self):
-        form = self._read_form(("command", "timeout", "stream"))
-        command = _required(form, "command")
-        if not command.strip():
-            raise _HTTPProblem(400, "field 'command' is empty; send the "
-                               "shell command to run")
+        form = self._read_form(_RUN_FIELDS)
         timeout = _seconds(form, "timeout", MAX_COMMAND_TIMEOUT)
-        stream = _flag(form, "stream")
-        futures = self.server.sugar.start_run(command, timeout)
-        if stream:
-            self._stream_run(command, futures)
-            return
-        results = [future.result() for future in futures]
-        if self._wants_json():
-            self._reply_json(200, _run_document(command, results))
+        stream, background = _flag(form, "stream"), _flag(form, "async")
+        if stream and background:
+            raise _HTTPProblem(400, "fields 'stream' and 'async' exclude "
+                               "each other; send one of them")
+        key = _idempotency_key(self.headers["Idempotency-Key"])
+        if "rerun" in form:
+            command, ids, timeout = self._rerun(form, timeout)
         else:
-            self._reply(200, _run_text(results))
+            command, ids = _command(form), None
+        try:
+            job = self.server.sugar.start_job(
+                command, timeout=timeout, target=form.get("target") or None,
+                ids=ids, include_stale=_flag(form, "stale"),
+                requester=self.client_address[0], key=key,
+                fingerprint=_fingerprint(form),
+                rerun=int(form["rerun"]) if ids is not None else None)
+        except _BadField as exc:
+            raise _HTTPProblem(400, str(exc)) from None
+        except _Refused as exc:
+            raise _HTTPProblem(exc.status, str(exc)) from None
+        headers = {"Location": "/jobs/%d" % job.id}
+        if job.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if background:
+            self._reply_job_started(job, headers)
+        elif stream:
+            self._stream_run(job, headers)
+        else:
+            job.done.wait()
+            self._reply_results(job, headers)
 
-    def _stream_run(self, command, futures):
+    def _rerun(self, form, timeout):
+        """Command, client ids and timeout of a ``rerun`` request."""
+        for name in ("command", "target"):
+            if name in form:
+                raise _HTTPProblem(400, "field %r does not go with 'rerun', "
+                                   "which runs that job's command on its "
+                                   "clients; send one or the other" % name)
+        only = form.get("only", "all")
+        if only not in ("all", "failed"):
+            raise _HTTPProblem(400, "field 'only': %r is not allowed; send "
+                               "failed or all" % only[:40])
+        earlier = self._job(form["rerun"], "rerun")
+        ids = [c["id"] for c in earlier.record["clients"]
+               if only == "all" or c["status"] != "ok"]
+        if not ids:
+            raise _HTTPProblem(404, "job %d has no client that did not end "
+                               "ok; nothing ran" % earlier.id)
+        return earlier.record["command"], ids, (
+            timeout or earlier.record["timeout"])
+
+    def _job(self, text, field=None):
+        """The job whose id is *text*; 404 (or 400 for a field) if none."""
+        job = self.server.sugar.job(int(text)) if text.isdigit() else None
+        if job is None:
+            where = "field %r: " % field if field else ""
+            raise _HTTPProblem(400 if field else 404, "%sno job %r; GET "
+                               "/jobs lists them" % (where, text[:40]))
+        return job
+
+    def _reply_job_started(self, job, headers):
+        if self._wants_json():
+            self._reply_json(202, {"job": job.id, "url": "/jobs/%d" % job.id,
+                                   "state": job.record["state"]}, headers)
+        else:
+            self._reply(202, "job %d started on %d clients; see GET /jobs/%d"
+                        % (job.id, len(job.futures), job.id), headers)
+
+    def _reply_results(self, job, headers):
+        results = job.results()
+        if self._wants_json():
+            self._reply_json(200, _run_document(job, results), headers)
+        else:
+            self._reply(200, _run_text(results) + "job %d\n" % job.id,
+                        headers)
+
+    def _stream_run(self, job, headers):
         """Answer /run in chunks: a line per client as it ends, then all."""
         ndjson = "application/x-ndjson" in (self.headers["Accept"] or "")
         self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson" if ndjson
                          else "text/plain; charset=utf-8")
+        for name, value in headers.items():
+            self.send_header(name, value)
         if self._chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
             self.close_connection = True
         self.end_headers()
-        width = max([len(f.client.address) for f in futures] or [0])
-        for future in concurrent.futures.as_completed(futures):
+        width = max([len(f.address) for f in job.futures] or [0])
+        for future in concurrent.futures.as_completed(job.futures):
             result = future.result()
             self._send_chunk(
                 json.dumps(result.as_dict()) + "\n" if ndjson
                 else "%-*s  %s\n" % (width, result.address, result.outcome))
-        results = [future.result() for future in futures]
+        job.done.wait()
+        results = job.results()
         if ndjson:
-            document = _run_document(command, results)
+            document = _run_document(job, results)
             del document["clients"]
             self._send_chunk(json.dumps(document) + "\n")
         else:
-            self._send_chunk(_run_text(results, outcomes=False))
+            self._send_chunk(_run_text(results, outcomes=False)
+                             + "job %d\n" % job.id)
         if self._chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -869,6 +1211,162 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self.wfile.write(data)
         self.wfile.flush()
+
+    def do_list_clients(self):
+        query = self._read_query(("target",))
+        entries = self.server.sugar.registry.clients()
+        if "target" in query:
+            try:
+                entries, _ = _select(entries, query["target"])
+            except _BadField as exc:
+                raise _HTTPProblem(400, str(exc)) from None
+            if not entries:
+                raise _HTTPProblem(404, "target %r matches no registered "
+                                   "client" % query["target"])
+        documents = [self._client_document(e) for e in entries]
+        if self._wants_json():
+            self._reply_json(200, {"clients": documents})
+        else:
+            self._reply(200, _clients_text(documents))
+
+    def _client_document(self, entry):
+        return {
+            "id": entry["id"], "address": _address_of(entry),
+            "username": entry["username"],
+            "registered": entry["registered"],
+            "last_seen": entry["last_seen"],
+            "stale": self.server.sugar.is_stale(entry),
+            "last_run": entry.get("last_run"),
+        }
+
+    def _client(self, client_id):
+        entry = self.server.sugar.registry.get(client_id)
+        if entry is None:
+            raise _HTTPProblem(404, "no client %r; GET /clients lists them"
+                               % client_id[:200])
+        return entry
+
+    def do_show_client(self, client_id):
+        self._read_query(())
+        document = self._client_document(self._client(client_id))
+        if self._wants_json():
+            self._reply_json(200, document)
+        else:
+            self._reply(200, "".join("%s: %s\n" % (name, _cell(value))
+                                     for name, value in document.items()))
+
+    def do_delete_client(self, client_id):
+        entry = self.server.sugar.registry.remove(client_id)
+        if entry is None:
+            raise _HTTPProblem(404, "no client %r; GET /clients lists them"
+                               % client_id[:200])
+        address = _address_of(entry)
+        logger.info("%s: client %s removed", address, client_id)
+        self._reply(200, "removed client %s at %s; its log stays in %s" % (
+            client_id, address, _log_path(self.server.sugar.log_dir,
+                                          address)))
+
+    def do_list_jobs(self):
+        query = self._read_query(("limit",))
+        limit = query.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100000:
+            raise _HTTPProblem(400, "query 'limit': %r is not a whole number "
+                               "from 1 to 100000" % limit[:40])
+        sugar = self.server.sugar
+        records = [sugar.job(r["id"]).snapshot()
+                   for r in sugar.jobs.recent(int(limit))]
+        summaries = [_job_summary(record) for record in records]
+        if self._wants_json():
+            self._reply_json(200, {"jobs": summaries})
+        else:
+            self._reply(200, "".join(
+                "%(id)d  %(state)s  %(started)s  %(recap)s  %(command)s\n"
+                % dict(s, recap=_recap(
+                    [Result.from_dict(c) for c in r["clients"]]
+                ).split("\n")[0]) for s, r in zip(summaries, records))
+                or "no jobs yet\n")
+
+    def do_show_job(self, job_id):
+        self._read_query(())
+        job = self._job(job_id)
+        record = job.snapshot()
+        results = [Result.from_dict(c) for c in record["clients"]]
+        if self._wants_json():
+            document = _run_document(job, results)
+            document.update(_job_summary(record))
+            self._reply_json(200, document)
+            return
+        head = "job %d: %s" % (job.id, record["state"])
+        if record["state"] == "running":
+            head += " (%d of %d clients done)" % (len(results),
+                                                 len(job.futures))
+        self._reply(200, "%s\ncommand: %s\ntarget: %s\nrequested by %s at "
+                    "%s, ended %s\n%s" % (
+                        head, record["command"], record["target"] or "all",
+                        record["requester"], record["started"],
+                        record["ended"] or "not yet",
+                        _run_text(results) if results else ""))
+
+
+_RUN_FIELDS = ("command", "timeout", "stream", "target", "stale", "async",
+               "rerun", "only")
+
+
+def _command(form):
+    command = _required(form, "command")
+    if not command.strip():
+        raise _HTTPProblem(400, "field 'command' is empty; send the shell "
+                           "command to run")
+    if "only" in form:
+        raise _HTTPProblem(400, "field 'only' goes with 'rerun'; send "
+                           "rerun=<job id> too")
+    return command
+
+
+def _idempotency_key(key):
+    if key is not None and not re.fullmatch(r"[!-~]{1,255}", key):
+        raise _HTTPProblem(400, "header 'Idempotency-Key': %r is not 1 to "
+                           "255 visible ASCII characters" % key[:40])
+    return key
+
+
+def _cell(value):
+    if isinstance(value, dict):
+        return "%s (job %s) at %s" % (value["outcome"], value["job"],
+                                      value["time"])
+    if value is None:
+        return "never"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _clients_text(documents):
+    """A table of clients, a line each."""
+    if not documents:
+        return "no clients are registered\n"
+    columns = ("id", "address", "username", "registered", "last_seen",
+               "last_run")
+    rows = [[name.upper().replace("_", " ") for name in columns]]
+    for document in documents:
+        row = [_cell(document[name]) for name in columns]
+        if document["stale"]:
+            row[4] += " (stale)"
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "".join("  ".join(cell.ljust(width) for cell, width in
+                             zip(row, widths)).rstrip() + "\n"
+                   for row in rows)
+
+
+def _job_summary(record):
+    """A job record without its clients' outputs."""
+    return {
+        "id": record["id"], "state": record["state"],
+        "requester": record["requester"], "command": record["command"],
+        "target": record["target"], "timeout": record["timeout"],
+        "rerun": record["rerun"], "started": record["started"],
+        "ended": record["ended"],
+        "totals": _totals([Result.from_dict(c) for c in record["clients"]]),
+    }
 
 
 def _required(form, name):
@@ -982,9 +1480,10 @@ def _recap(results):
     return "\n".join(lines)
 
 
-def _run_document(command, results):
+def _run_document(job, results):
     return {
-        "command": command,
+        "job": job.id,
+        "command": job.record["command"],
         "clients": [result.as_dict() for result in results],
         "groups": [{
             "clients": [r.address for r in group],
@@ -999,8 +1498,14 @@ def _run_document(command, results):
 
 _USAGE = """Sugar runs shell commands on registered machines over SSH.
 
-POST /register  id=<machine-id> [address=<host[:port]>] [username=<user>]
-POST /run       command=<shell command>
+POST /register      id=<machine-id> [address=<host[:port]>] [username=<user>]
+POST /run           command=<shell command> [target=<globs>] [timeout=<s>]
+                    [stream=1] [async=1] [stale=1]
+POST /run           rerun=<job id> [only=failed]
+GET  /clients       [?target=<globs>]
+GET  /clients/<id>  DELETE /clients/<id>
+GET  /jobs          [?limit=<n>]
+GET  /jobs/<id>
 
   curl -d "address=client.fqdn&id=$(</etc/machine-id)" SERVER/register
   curl -d "command=whoami" SERVER/run
@@ -1037,11 +1542,13 @@ def _family(host):
 
 
 class Server:
-    """The Sugar server: a registry, an HTTP API and a pool of SSH workers.
+    """The Sugar server: a registry, a job store, an HTTP API and a pool of
+    SSH workers.
 
     Binds at once (so a taken port fails here); `serve` answers requests
     until `shutdown` is called from another thread.  At most *workers* SSH
-    sessions are open at once, over all runs together.
+    sessions are open at once, over all runs together.  *stale*, in
+    seconds, makes runs skip clients not registered again for that long.
 
     Example, with three clients of which one is down::
 
@@ -1054,18 +1561,23 @@ class Server:
     """
 
     def __init__(self, workers=DEFAULT_WORKERS, port=DEFAULT_PORT, *,
-                 host="", registry=DEFAULT_REGISTRY, log_dir=".",
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                 host="", registry=DEFAULT_REGISTRY, jobs=DEFAULT_JOBS,
+                 log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
-                 max_output=DEFAULT_MAX_OUTPUT, ssh_key=None):
+                 max_output=DEFAULT_MAX_OUTPUT, keep_jobs=DEFAULT_KEEP_JOBS,
+                 stale=None, ssh_key=None):
         self.workers = workers
         self.log_dir = log_dir
+        self.stale = stale
         self.registry = _Registry(registry)
+        self.jobs = _JobStore(jobs, keep_jobs)
         self._client_options = {
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
             "ssh_key": ssh_key, "ssh_config": fabric.Config(),
         }
+        self._running = {}
+        self._starting = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="sugar-ssh")
         try:
@@ -1073,6 +1585,7 @@ class Server:
         except BaseException:
             self._pool.shutdown()
             self.registry.close()
+            self.jobs.close()
             raise
 
     @property
@@ -1080,32 +1593,114 @@ class Server:
         """``(host, port)`` the server listens on."""
         return self._http.server_address[:2]
 
-    def run(self, command, timeout=None):
-        """Run *command* on every registered client; return the Results.
+    def run(self, command, timeout=None, target=None):
+        """Run *command* on the registered clients; return the Results.
 
         Clients are taken in a sliding window of at most ``workers`` at
         once; the list is in registry order (by address) and has one Result
         per client, whatever happened to the others.  *timeout* bounds the
-        command on each client (default: the server's command timeout).
+        command on each client (default: the server's command timeout);
+        *target* picks clients as ``/run`` does.  The run is kept as a job.
         """
-        return [future.result()
-                for future in self.start_run(command, timeout)]
+        job = self.start_job(command, timeout=timeout, target=target)
+        job.done.wait()
+        return job.results()
 
-    def start_run(self, command, timeout=None):
-        """Start `run` and return its futures, in registry order.
+    def start_job(self, command, *, timeout=None, target=None, ids=None,
+                  include_stale=False, requester=None, key=None,
+                  fingerprint=None, rerun=None):
+        """Start a run as a job and return it (a `_Job`) at once.
 
-        Each future has a ``client`` attribute and gives that client's
-        Result.
+        *ids*, when given, limits the run to those client ids.  Raises
+        _Refused when the target matches no client.  With *key*, a job
+        started with the same key in the last day is returned instead,
+        if it had the same *fingerprint* (else _Refused).
         """
-        clients = [Client.from_entry(entry, **self._client_options)
-                   for entry in self.registry.clients()]
-        logger.info("running %r on %d clients", command, len(clients))
-        futures = []
-        for client in clients:
-            future = self._pool.submit(client.run_command, command, timeout)
-            future.client = client
-            futures.append(future)
-        return futures
+        with self._starting:
+            if key:
+                earlier = self._job_for_key(key, fingerprint)
+                if earlier:
+                    return earlier
+            entries = self._chosen(target, ids, include_stale)
+            record = {
+                "id": self.jobs.new_id(), "requester": requester,
+                "command": command, "target": target, "timeout": timeout
+                or self._client_options["command_timeout"],
+                "started": _timestamp(), "ended": None, "state": "running",
+                "clients": [], "key": key, "fingerprint": fingerprint,
+                "rerun": rerun,
+            }
+            job = _Job(record, self._finished)
+            self._running[job.id] = job
+            self.jobs.save(record)
+            logger.info("job %d: running %r on %d clients", job.id, command,
+                        len(entries))
+            job.start([self._submit(entry, stale, record)
+                        for entry, stale in entries])
+        return job
+
+    def _job_for_key(self, key, fingerprint):
+        found = self.jobs.by_key(key)
+        running = [job for job in self._running.values()
+                   if job.record["key"] == key]
+        if running:
+            found = running[0].id, running[0].record["fingerprint"]
+        if not found:
+            return None
+        job_id, earlier = found
+        if earlier != fingerprint:
+            raise _Refused(422, (
+                "Idempotency-Key %r was used for another request (job %d); "
+                "use a new key for a new request" % (key, job_id)))
+        job = copy.copy(self.job(job_id))
+        job.replayed = True
+        return job
+
+    def _chosen(self, target, ids, include_stale):
+        """``[(entry, is skipped as stale)]`` for a run; may raise."""
+        entries = self.registry.clients()
+        if ids is not None:
+            chosen = [e for e in entries if e["id"] in ids]
+            named = list(ids)
+        else:
+            chosen, named = _select(entries, target)
+        if not chosen and (target or ids is not None):
+            raise _Refused(404, "target %r matches no registered client; "
+                           "nothing ran (GET /clients lists them)"
+                           % (target or ",".join(ids)))
+        return [(entry, not include_stale and entry["id"] not in named
+                 and self.is_stale(entry)) for entry in chosen]
+
+    def is_stale(self, entry):
+        """True if *entry* was last seen longer ago than `stale` allows."""
+        return bool(self.stale) and _age(entry["last_seen"]) > self.stale
+
+    def _submit(self, entry, stale, record):
+        client = Client.from_entry(entry, **self._client_options)
+        if stale:
+            future = concurrent.futures.Future()
+            future.set_result(_stale_result(client, record["command"],
+                                            entry, self.stale))
+        else:
+            future = self._pool.submit(_run_safely, client,
+                                       record["command"], record["timeout"])
+        future.address = client.address
+        return future
+
+    def _finished(self, job):
+        self.jobs.save(job.record)
+        self.registry.note_runs(job.id, job.results())
+        self._running.pop(job.id, None)
+        logger.info("job %d: finished: %s", job.id,
+                    _recap(job.results()).split("\n")[0])
+
+    def job(self, job_id):
+        """The `_Job` of *job_id*, running or kept, or None."""
+        job = self._running.get(job_id)
+        if job is None:
+            record = self.jobs.get(job_id)
+            job = record and _Job.from_record(record)
+        return job
 
     def serve(self):
         """Answer requests until `shutdown`; then release everything."""
@@ -1122,6 +1717,28 @@ class Server:
         self._http.server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.registry.close()
+        self.jobs.close()
+
+
+def _run_safely(client, command, timeout):
+    """`Client.run_command`, with a fault in Sugar kept to that client."""
+    try:
+        return client.run_command(command, timeout)
+    except Exception as exc:
+        logger.exception("%s: running %r failed inside Sugar",
+                         client.address, command)
+        result = Result(client, command)
+        result.error = "internal error in Sugar: %s" % exc
+        return result
+
+
+def _stale_result(client, command, entry, stale):
+    result = Result(client, command)
+    result.status = "stale"
+    result.error = ("not seen for %ds (STALE is %gs), so not tried; name it "
+                    "in target or send stale=1" % (_age(entry["last_seen"]),
+                                                   stale))
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -1172,6 +1789,11 @@ def settings_from_environ(environ):
                               int, 1024, 1024 ** 3, " bytes"),
         "host": environ.get("HOST", ""),
         "registry": environ.get("REGISTRY", "") or DEFAULT_REGISTRY,
+        "jobs": environ.get("JOBS", "") or DEFAULT_JOBS,
+        "keep_jobs": _number(environ, "KEEP_JOBS", DEFAULT_KEEP_JOBS, int,
+                             1, 10 ** 6),
+        "stale": _number(environ, "STALE", None, float, 1, 10 ** 9,
+                         " seconds"),
         "log_dir": environ.get("LOG_DIR", "") or ".",
         "ssh_key": environ.get("SSH_KEY", "") or None,
     }
@@ -1183,7 +1805,8 @@ def settings_from_environ(environ):
                                "or host name of this machine, or leave it "
                                "unset for all" % settings["host"]) from None
     _check_log_dir(settings["log_dir"])
-    _check_registry(settings["registry"])
+    _check_registry(settings["registry"], "REGISTRY")
+    _check_registry(settings["jobs"], "JOBS")
     if settings["ssh_key"] and not os.access(settings["ssh_key"], os.R_OK):
         raise SettingError("SSH_KEY=%r cannot be read; name a private key "
                            "file this user can read" % settings["ssh_key"])
@@ -1201,11 +1824,11 @@ def _check_log_dir(path):
                            "this user can write" % path)
 
 
-def _check_registry(path):
+def _check_registry(path, name):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise SettingError("REGISTRY=%r: folder %r does not exist or is "
-                           "not writable" % (path, folder))
+        raise SettingError("%s=%r: folder %r does not exist or is not "
+                           "writable" % (name, path, folder))
 
 
 def bind_error_message(exc, host, port):

@@ -134,9 +134,10 @@ class Running:
         self.log_dir = os.path.join(folder, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
         self.registry = os.path.join(folder, "registry")
+        self.jobs = os.path.join(folder, "jobs")
         self.options = dict(host="127.0.0.1", registry=self.registry,
-                            log_dir=self.log_dir, ssh_key=user_key,
-                            connect_timeout=5)
+                            jobs=self.jobs, log_dir=self.log_dir,
+                            ssh_key=user_key, connect_timeout=5)
         self.options.update(options)
         self.start()
 
@@ -253,7 +254,7 @@ def test_readme_curl_lines_register_and_run_as_written(
                 for sshd in sorted(fleet, key=lambda s: s.ip)]
     expected += ["--- %s stdout:" % ", ".join(
         sshd.address for sshd in sorted(fleet, key=lambda s: s.ip)), "root"]
-    expected.append("3 clients: 3 ok")
+    expected += ["3 clients: 3 ok", "job 1"]
     assert answer == "\n".join(expected) + "\n"
 
 
@@ -404,7 +405,7 @@ def test_run_answers_one_line_per_client_then_output_then_totals(
     assert status == 200
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
     assert body == ("%s  exit code 1\n--- %s stdout:\nhi\n"
-                    "1 client: 1 failed\nfailed: %s\n"
+                    "1 client: 1 failed\nfailed: %s\njob 1\n"
                     % (sshd.address, sshd.address, sshd.address))
 
 
@@ -433,7 +434,7 @@ def test_run_as_json_has_every_field(server, make_sshd):
     assert client["log"] == os.path.join(
         os.path.realpath(server.log_dir),
         sshd.address.replace(":", "_") + ".txt")
-    assert document["command"] == "printf hello"
+    assert (document["job"], document["command"]) == (1, "printf hello")
     assert document["totals"] == {"clients": 1, "ok": 1}
     assert document["summary"] == {"ok": [sshd.address]}
     assert document["groups"] == [{"clients": [sshd.address], "status": "ok",
@@ -446,7 +447,7 @@ def test_run_with_no_clients_says_there_were_none(server):
 
     assert (status, body) == (200, (
         "no clients are registered, so nothing ran; register one with: "
-        "curl -d \"id=$(</etc/machine-id)\" SERVER/register\n"))
+        "curl -d \"id=$(</etc/machine-id)\" SERVER/register\njob 1\n"))
 
 
 def test_unreachable_clients_do_not_stop_the_others(
@@ -637,7 +638,8 @@ def test_unknown_path_is_404_naming_it(server):
     status, _, body = server.request("GET", "/nope")
 
     assert (status, body) == (404, "no such path: '/nope'; Sugar answers "
-                              "/, /register, /run\n")
+                              "/, /register, /run, /clients, /clients/<id>, "
+                              "/jobs, /jobs/<id>\n")
 
 
 def test_wrong_method_is_405_with_allow(server):
@@ -902,7 +904,7 @@ def test_every_status_is_counted_and_listed_in_the_recap(
     assert status == 200
     assert body.endswith(
         "4 clients: 1 ok, 1 failed, 1 unreachable, 1 auth\n"
-        "ok: %s\nfailed: %s\nunreachable: %s\nauth: %s\n"
+        "ok: %s\nfailed: %s\nunreachable: %s\nauth: %s\njob 1\n"
         % (good.address, bad.address, stopped.address, refused.address))
 
 
@@ -921,7 +923,7 @@ def test_identical_output_is_shown_once_under_its_clients(server, fleet):
         "--- %s stdout:" % together, "same",
         "--- %s stdout:" % odd.address, "same",
         "--- %s stderr:" % odd.address, "other",
-        "3 clients: 3 ok", ""]
+        "3 clients: 3 ok", "job 1", ""]
     same = [c["digest"] for c in document["clients"]]
     assert same[0] == same[1] != same[2]
     assert document["groups"] == [
@@ -1042,8 +1044,8 @@ def test_streamed_run_shows_the_fast_client_before_the_slow_one_ends(
     assert first == "%-*s  exit code 0\n" % (width, fast.address)
     assert first_at < float(ended.read_text())
     assert rest == "%-*s  exit code 0\n--- %s, %s stdout:\nhi\n" \
-        "2 clients: 2 ok\n" % (width, slow.address, fast.address,
-                               slow.address)
+        "2 clients: 2 ok\njob 1\n" % (width, slow.address, fast.address,
+                                      slow.address)
 
 
 def test_streamed_run_as_json_lines(server, make_sshd):
