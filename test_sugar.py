@@ -1083,3 +1083,319 @@ def test_bad_run_fields_are_refused(server, make_sshd, fields, message):
 
     assert (status, body) == (400, message + "\n")
     assert server.log_files() == []
+
+
+# ---------------------------------------------------------------------------
+# Inventory: clients, targets, stale clients
+# ---------------------------------------------------------------------------
+
+def client_id(sshd):
+    return "id-%s" % sshd.ip.replace(".", "-")
+
+
+def test_clients_are_listed_shown_and_deleted(server, make_sshd):
+    first, second = make_sshd(), make_sshd()
+    server.register(first)
+    server.register(second)
+    server.run_json("false")
+
+    status, _, table = server.request("GET", "/clients")
+    document = json.loads(server.request(
+        "GET", "/clients", headers={"Accept": "application/json"})[2])
+    shown = json.loads(server.request(
+        "GET", "/clients/" + client_id(first),
+        headers={"Accept": "application/json"})[2])
+    text = server.request("GET", "/clients/" + client_id(first))[2]
+    deleted = server.request("DELETE", "/clients/" + client_id(first))
+    after = server.request("GET", "/clients/" + client_id(first))
+
+    assert status == 200
+    lines = table.splitlines()
+    assert lines[0].split() == ["ID", "ADDRESS", "USERNAME", "REGISTERED",
+                                "LAST", "SEEN", "LAST", "RUN"]
+    for line, sshd in zip(lines[1:], (first, second)):
+        assert re.fullmatch(
+            r"%s +%s +%s +%s +%s +exit code 1 \(job 1\) at %s" % (
+                client_id(sshd), re.escape(sshd.address), USER, STAMP,
+                STAMP, STAMP), line)
+    assert [c["id"] for c in document["clients"]] == [
+        client_id(first), client_id(second)]
+    assert shown == document["clients"][0]
+    assert set(shown) == {"id", "address", "username", "registered",
+                          "last_seen", "stale", "last_run"}
+    assert (shown["address"], shown["username"], shown["stale"]) == (
+        first.address, USER, False)
+    assert shown["last_run"]["job"] == 1
+    assert (shown["last_run"]["status"], shown["last_run"]["outcome"]) == (
+        "failed", "exit code 1")
+    assert text.splitlines()[:3] == [
+        "id: " + client_id(first), "address: " + first.address,
+        "username: " + USER]
+    assert deleted[0::2] == (200, "removed client %s at %s; its log stays "
+                             "in %s\n" % (client_id(first), first.address,
+                                          os.path.join(os.path.realpath(
+                                              server.log_dir),
+                                              first.address.replace(
+                                                  ":", "_") + ".txt")))
+    assert after[0::2] == (404, "no client %r; GET /clients lists them\n"
+                           % client_id(first))
+    assert [e["id"] for e in server.server.registry.clients()] == [
+        client_id(second)]
+    assert first.address.replace(":", "_") + ".txt" in server.log_files()
+    assert server.request("DELETE", "/clients/nobody")[0::2] == (
+        404, "no client 'nobody'; GET /clients lists them\n")
+
+
+def test_registering_again_is_a_heartbeat(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    first = server.server.registry.get(client_id(sshd))
+    time.sleep(0.01)
+
+    server.register(sshd)
+
+    again = server.server.registry.get(client_id(sshd))
+    assert again["registered"] == first["registered"]
+    assert again["last_seen"] > first["last_seen"]
+
+
+def ran_on(document):
+    return sorted(c["address"] for c in document["clients"])
+
+
+def test_target_globs_lists_and_exclusions_pick_clients(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+    a, b, c = fleet
+
+    def run(target):
+        status, _, body = server.post(
+            "/run", {"Accept": "application/json"}, command="true",
+            target=target)
+        assert status == 200, body
+        return ran_on(json.loads(body))
+
+    assert run(client_id(a)) == [a.address]
+    assert run(b.address) == [b.address]
+    assert run(c.ip) == [c.address]
+    assert run("%s,%s" % (client_id(a), c.ip)) == sorted(
+        [a.address, c.address])
+    assert run("127.0.0.*") == sorted(s.address for s in fleet)
+    assert run("id-*,!%s" % client_id(b)) == sorted([a.address, c.address])
+    assert run("!%s" % a.ip) == sorted([b.address, c.address])
+
+
+def test_a_target_matching_nothing_is_404_and_runs_nothing(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+
+    status, _, body = server.post("/run", command="true", target="web*")
+    empty = server.post("/run", command="true", target="a,,b")
+
+    assert (status, body) == (404, "target 'web*' matches no registered "
+                              "client; nothing ran (GET /clients lists "
+                              "them)\n")
+    assert empty[0::2] == (400, "field 'target': 'a,,b' has an empty "
+                           "pattern; send comma-separated globs such as "
+                           "web*,10.0.0.*,!web3\n")
+    assert server.log_files() == []
+    assert server.request("GET", "/jobs")[2] == "no jobs yet\n"
+
+
+def test_clients_target_previews_what_a_run_would_reach(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+
+    status, _, body = server.request(
+        "GET", "/clients?target=" + urllib.parse.quote(
+            "*,!%s" % client_id(fleet[0])),
+        headers={"Accept": "application/json"})
+    none = server.request("GET", "/clients?target=web*")
+
+    assert status == 200
+    assert [c["id"] for c in json.loads(body)["clients"]] == [
+        client_id(s) for s in fleet[1:]]
+    assert none[0::2] == (404, "target 'web*' matches no registered "
+                          "client\n")
+    assert server.log_files() == []
+
+
+def test_stale_clients_are_skipped_unless_named_or_asked_for(
+        tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "stale"), user_key, stale=1)
+    fresh, old = make_sshd(), make_sshd()
+    try:
+        running.register(old)
+        time.sleep(1.5)
+        running.register(fresh)
+        skipped = running.run_json("true")
+        named = json.loads(running.post(
+            "/run", {"Accept": "application/json"}, command="true",
+            target=client_id(old))[2])
+        forced = json.loads(running.post(
+            "/run", {"Accept": "application/json"}, command="true",
+            stale="1")[2])
+        listed = json.loads(running.request(
+            "GET", "/clients", headers={"Accept": "application/json"})[2])
+        text = running.post("/run", command="true")[2]
+    finally:
+        running.stop()
+
+    outcomes = {c["address"]: c["status"] for c in skipped["clients"]}
+    assert outcomes == {fresh.address: "ok", old.address: "stale"}
+    [stale] = [c for c in skipped["clients"] if c["status"] == "stale"]
+    assert re.fullmatch(r"not seen for \ds \(STALE is 1s\), so not tried; "
+                        r"name it in target or send stale=1", stale["error"])
+    assert skipped["totals"] == {"clients": 2, "ok": 1, "stale": 1}
+    assert [(c["address"], c["status"]) for c in named["clients"]] == [
+        (old.address, "ok")]
+    assert forced["totals"] == {"clients": 2, "ok": 2}
+    assert [c["stale"] for c in listed["clients"]] == [
+        c["address"] == old.address for c in listed["clients"]]
+    assert "stale: %s\n" % old.address in text
+
+
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+
+def test_jobs_are_listed_shown_and_kept_across_a_restart(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    server.post("/run", command="echo one")
+    server.post("/run", command="echo two; exit 2", target=sshd.ip,
+                timeout="30")
+
+    server.restart()
+    listing = server.request("GET", "/jobs")[2]
+    listed = json.loads(server.request(
+        "GET", "/jobs", headers={"Accept": "application/json"})[2])
+    text = server.request("GET", "/jobs/2")[2]
+    shown = json.loads(server.request(
+        "GET", "/jobs/2", headers={"Accept": "application/json"})[2])
+
+    lines = listing.splitlines()
+    assert re.fullmatch(r"2  finished  %s  1 client: 1 failed  echo two; "
+                        r"exit 2" % STAMP, lines[0])
+    assert re.fullmatch(r"1  finished  %s  1 client: 1 ok  echo one"
+                        % STAMP, lines[1])
+    assert [(j["id"], j["command"], j["target"], j["timeout"],
+             j["requester"], j["state"], j["totals"])
+            for j in listed["jobs"]] == [
+        (2, "echo two; exit 2", sshd.ip, 30.0, "127.0.0.1", "finished",
+         {"clients": 1, "failed": 1}),
+        (1, "echo one", None, 300.0, "127.0.0.1", "finished",
+         {"clients": 1, "ok": 1})]
+    assert re.fullmatch(
+        "job 2: finished\ncommand: echo two; exit 2\ntarget: %s\n"
+        "requested by 127.0.0.1 at %s, ended %s\n%s  exit code 2\n"
+        "--- %s stdout:\ntwo\n1 client: 1 failed\nfailed: %s\n" % (
+            re.escape(sshd.ip), STAMP, STAMP, re.escape(sshd.address),
+            re.escape(sshd.address), re.escape(sshd.address)), text)
+    assert shown["job"] == shown["id"] == 2
+    assert [(c["address"], c["exit_code"], c["stdout"])
+            for c in shown["clients"]] == [(sshd.address, 2, "two\n")]
+    assert shown["totals"] == {"clients": 1, "failed": 1}
+    assert server.request("GET", "/jobs/99")[0::2] == (
+        404, "no job '99'; GET /jobs lists them\n")
+
+
+def test_jobs_past_keep_jobs_are_pruned(tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "keep"), user_key, keep_jobs=3)
+    try:
+        running.register(make_sshd())
+        for number in range(5):
+            running.post("/run", command="echo %d" % number)
+        listed = json.loads(running.request(
+            "GET", "/jobs", headers={"Accept": "application/json"})[2])
+        gone = running.request("GET", "/jobs/2")
+    finally:
+        running.stop()
+
+    assert [j["id"] for j in listed["jobs"]] == [5, 4, 3]
+    assert gone[0] == 404
+
+
+def test_an_async_run_answers_at_once_and_is_polled_until_finished(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    status, headers, body = server.post("/run", command="sleep 1; echo up",
+                                        **{"async": "1"})
+    running = json.loads(server.request(
+        "GET", "/jobs/1", headers={"Accept": "application/json"})[2])
+    polls = 1
+    while True:
+        document = json.loads(server.request(
+            "GET", "/jobs/1", headers={"Accept": "application/json"})[2])
+        if document["state"] != "running" or polls > 300:
+            break
+        polls += 1
+        time.sleep(0.1)
+
+    assert (status, headers["Location"], body) == (
+        202, "/jobs/1", "job 1 started on 1 clients; see GET /jobs/1\n")
+    assert (running["state"], running["clients"]) == ("running", [])
+    assert document["state"] == "finished"
+    assert [(c["address"], c["stdout"]) for c in document["clients"]] == [
+        (sshd.address, "up\n")]
+
+
+def test_rerun_only_failed_runs_the_command_where_it_did_not_end_ok(
+        server, fleet, tmp_path):
+    for sshd in fleet:
+        server.register(sshd)
+    bad = fleet[1]
+    marker = tmp_path / "bad-ip"
+    marker.write_text(bad.ip)
+    command = "echo $SSH_CONNECTION >> %s; case \"$SSH_CONNECTION\" in " \
+        "*\" $(cat %s) \"*) exit 5;; esac" % (tmp_path / "ran", marker)
+    first = server.run_json(command)
+
+    marker.write_text("none")
+    status, headers, body = server.post(
+        "/run", {"Accept": "application/json"}, rerun="1", only="failed")
+
+    document = json.loads(body)
+    assert first["totals"] == {"clients": 3, "ok": 2, "failed": 1}
+    assert status == 200
+    assert (document["job"], document["command"]) == (2, command)
+    assert [(c["address"], c["status"]) for c in document["clients"]] == [
+        (bad.address, "ok")]
+    assert len((tmp_path / "ran").read_text().splitlines()) == 4
+    assert server.post("/run", rerun="2", only="failed")[0::2] == (
+        404, "job 2 has no client that did not end ok; nothing ran\n")
+    assert server.post("/run", rerun="7")[0::2] == (
+        400, "field 'rerun': no job '7'; GET /jobs lists them\n")
+    assert server.post("/run", rerun="1", command="x")[0::2] == (
+        400, "field 'command' does not go with 'rerun', which runs that "
+        "job's command on its clients; send one or the other\n")
+
+
+def test_an_idempotency_key_runs_a_command_once(server, make_sshd, tmp_path):
+    sshd = make_sshd()
+    server.register(sshd)
+    counter = tmp_path / "count"
+    command = "echo ran >> %s; wc -l < %s" % (counter, counter)
+    key = {"Idempotency-Key": "deploy-2026-12-03",
+           "Accept": "application/json"}
+
+    first = server.post("/run", key, command=command)
+    again = server.post("/run", key, command=command)
+    other = server.post("/run", key, command="reboot")
+
+    assert first[0] == again[0] == 200
+    assert json.loads(first[2]) == json.loads(again[2])
+    assert json.loads(again[2])["clients"][0]["stdout"] == "1\n"
+    assert again[1]["Idempotent-Replayed"] == "true"
+    assert counter.read_text() == "ran\n"
+    server.restart()
+    after_restart = server.post("/run", key, command=command)
+    assert json.loads(after_restart[2]) == json.loads(first[2])
+    assert counter.read_text() == "ran\n"
+    assert other[0] == 422
+    assert json.loads(other[2]) == {"error": (
+        "Idempotency-Key 'deploy-2026-12-03' was used for another request "
+        "(job 1); use a new key for a new request")}
