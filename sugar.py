@@ -38,10 +38,13 @@ __all__ = [
     "settings_from_environ",
 ]
 
+import base64
+import binascii
 import codecs
 import concurrent.futures
 import copy
 import datetime
+import dbm
 import errno
 import fnmatch
 import hashlib
@@ -197,7 +200,8 @@ class _Registry:
     """The registered clients, in a shelf keyed by client id.
 
     Each entry is a dict with ``id``, ``host``, ``port``, ``username``,
-    ``registered``, ``last_seen`` and ``last_run`` (None, or the ``job``,
+    ``registered``, ``last_seen``, ``hostkey`` (the pinned SSH host key,
+    ``type base64``, or None) and ``last_run`` (None, or the ``job``,
     ``status``, ``outcome`` and ``time`` of the client's latest run).  A
     shelf allows one writer at a time, so every access holds the
     registry's lock; each change is synced to disk before the call returns.
@@ -206,25 +210,38 @@ class _Registry:
     def __init__(self, path):
         self.path = path
         self._lock = threading.Lock()
-        self._shelf = shelve.open(path)
+        self._shelf = _open_shelf(path)
 
-    def register(self, client_id, host, port, username):
-        """Add or update a client; return ``(entry, previous or None)``."""
+    def register(self, client_id, host, port, username, hostkey=None):
+        """Add or update a client; return ``(entry, previous or None)``.
+
+        The pinned host key stays unless *hostkey* gives another one.
+        """
         with self._lock:
-            previous = self._shelf.get(client_id)
+            previous = self._shelf.get(client_id) or {}
             stamp = _timestamp()
             entry = {
                 "id": client_id,
                 "host": host,
                 "port": port,
                 "username": username,
-                "registered": previous["registered"] if previous else stamp,
+                "registered": previous.get("registered", stamp),
                 "last_seen": stamp,
-                "last_run": previous.get("last_run") if previous else None,
+                "hostkey": hostkey or previous.get("hostkey"),
+                "last_run": previous.get("last_run"),
             }
             self._shelf[client_id] = entry
             self._shelf.sync()
-        return entry, previous
+        return entry, previous or None
+
+    def pin(self, client_id, hostkey):
+        """Pin *hostkey* for *client_id* if it has none yet."""
+        with self._lock:
+            entry = self._shelf.get(client_id)
+            if entry is not None and not entry.get("hostkey"):
+                entry["hostkey"] = hostkey
+                self._shelf[client_id] = entry
+                self._shelf.sync()
 
     def get(self, client_id):
         """The entry of *client_id*, or None."""
@@ -260,6 +277,11 @@ class _Registry:
     def close(self):
         with self._lock:
             self._shelf.close()
+
+
+def _open_shelf(path):
+    """A shelf at *path* whose files only their owner can read."""
+    return shelve.Shelf(dbm.open(path, "c", 0o600))
 
 
 def _address_of(entry):
@@ -421,8 +443,8 @@ class _LogEntry:
 # Running a command on one client
 # ---------------------------------------------------------------------------
 
-STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "error",
-            "stale")
+STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "hostkey",
+            "error", "stale")
 
 
 class Result:
@@ -497,7 +519,13 @@ def _describe_connect_error(exc, client, timeout, spoke):
             "client's authorized_keys (ssh-copy-id)" % (client.username,
                                                         client.host))
     if isinstance(exc, paramiko.BadHostKeyException):
-        return "error", "host key of %s changed: %s" % (where, exc)
+        return "hostkey", (
+            "host key of %s changed: expected %s %s, offered %s %s, so the "
+            "command did not run; if the machine was re-installed, register "
+            "it again with its new hostkey and the API token" % (
+                where, exc.expected_key.get_name(),
+                exc.expected_key.fingerprint, exc.key.get_name(),
+                exc.key.fingerprint))
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         exc = next(iter(exc.errors.values()))
     if isinstance(exc, socket.gaierror):
@@ -603,6 +631,36 @@ def _limited(command, timeout):
         "fi" % (timeout, quoted, quoted))
 
 
+def _parse_hostkey(line, field="hostkey"):
+    """The ``type base64`` of an SSH public key *line*, else _BadField."""
+    parts = line.split()
+    try:
+        key = paramiko.PKey.from_type_string(
+            parts[0], base64.b64decode(parts[1], validate=True))
+    except (IndexError, ValueError, TypeError, paramiko.SSHException,
+            binascii.Error):
+        raise _BadField(field, (
+            "%r is not an SSH public key line; send the content of "
+            "/etc/ssh/ssh_host_ed25519_key.pub" % line[:100])) from None
+    return "%s %s" % (key.get_name(), key.get_base64())
+
+
+def _hostkey_object(hostkey):
+    kind, data = hostkey.split()
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """Accept a host key never seen before and hand it to *learn*."""
+
+    def __init__(self, learn):
+        self._learn = learn
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self._learn("%s %s" % (key.get_name(), key.get_base64()))
+
+
 class Client:
     """One machine reached over SSH.
 
@@ -611,13 +669,18 @@ class Client:
     *ssh_key* when given, for at most *command_timeout* seconds.  Each run
     is appended to ``<address>.txt`` in *log_dir*; at most *max_output*
     bytes of each stream are kept in the Result.
+
+    The client's host key must be *hostkey* (``type base64``) when given,
+    or the key the server user's ``known_hosts`` has for it.  Otherwise the
+    first key seen is trusted, kept in ``hostkey`` and passed to
+    *on_new_hostkey*; later runs expect that same key.
     """
 
     def __init__(self, address, username=DEFAULT_USERNAME, *, id=None,
                  log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, ssh_key=None,
-                 ssh_config=None):
+                 hostkey=None, on_new_hostkey=None, ssh_config=None):
         self.host, self.port = _parse_address(address)
         self.address = _format_address(self.host, self.port)
         self.username = _check_username(username)
@@ -627,13 +690,23 @@ class Client:
         self.command_timeout = command_timeout
         self.max_output = max_output
         self.ssh_key = ssh_key
+        self.hostkey = hostkey and _parse_hostkey(hostkey)
+        self._on_new_hostkey = on_new_hostkey
         self._ssh_config = ssh_config
 
     @classmethod
     def from_entry(cls, entry, **options):
         """The Client for a registry *entry*."""
         return cls(_format_address(entry["host"], entry["port"]),
-                   entry["username"], id=entry["id"], **options)
+                   entry["username"], id=entry["id"],
+                   hostkey=entry.get("hostkey"), **options)
+
+    def _learn_hostkey(self, hostkey):
+        self.hostkey = hostkey
+        logger.info("%s: trusting host key %s on first use", self.address,
+                    _hostkey_object(hostkey).fingerprint)
+        if self._on_new_hostkey:
+            self._on_new_hostkey(self, hostkey)
 
     def _connection(self):
         # Fabric rounds connect_timeout down to whole seconds (and 0 means
@@ -646,9 +719,19 @@ class Client:
         if self.ssh_key:
             options.update(key_filename=[self.ssh_key], look_for_keys=False,
                            allow_agent=False)
-        return fabric.Connection(
+        cxn = fabric.Connection(
             self.host, user=self.username, port=self.port,
             config=self._ssh_config, connect_kwargs=options)
+        # Fabric's own policy accepts any host key; ours checks it.
+        cxn.client.set_missing_host_key_policy(
+            _TrustOnFirstUse(self._learn_hostkey))
+        cxn.client.load_system_host_keys()
+        if self.hostkey:
+            name = self.host if self.port == 22 else "[%s]:%d" % (
+                self.host, self.port)
+            key = _hostkey_object(self.hostkey)
+            cxn.client.get_host_keys().add(name, key.get_name(), key)
+        return cxn
 
     def run_command(self, command, timeout=None):
         """Run *command* here, log it, and return a `Result`.
@@ -746,7 +829,7 @@ class _JobStore:
     def __init__(self, path, keep):
         self.keep = keep
         self._lock = threading.Lock()
-        self._shelf = shelve.open(path)
+        self._shelf = _open_shelf(path)
         self._mark_interrupted()
 
     def _mark_interrupted(self):
@@ -1575,6 +1658,7 @@ class Server:
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
             "ssh_key": ssh_key, "ssh_config": fabric.Config(),
+            "on_new_hostkey": self._pin,
         }
         self._running = {}
         self._starting = threading.Lock()
@@ -1686,6 +1770,9 @@ class Server:
                                        record["command"], record["timeout"])
         future.address = client.address
         return future
+
+    def _pin(self, client, hostkey):
+        self.registry.pin(client.id, hostkey)
 
     def _finished(self, job):
         self.jobs.save(job.record)
