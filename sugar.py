@@ -48,18 +48,22 @@ import dbm
 import errno
 import fnmatch
 import hashlib
+import hmac
 import http.server
 import ipaddress
 import json
 import logging
 import os
 import re
+import secrets
 import select
 import shelve
 import shlex
 import shutil
 import signal
 import socket
+import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -80,10 +84,11 @@ MAX_COMMAND_TIMEOUT = 7 * 24 * 3600
 DEFAULT_REGISTRY = "sugar-registry"
 DEFAULT_JOBS = "sugar-jobs"
 DEFAULT_KEEP_JOBS = 1000
+DEFAULT_REQUEST_TIMEOUT = 30.0
+TOKEN_FILE = "sugar-token"
 DEFAULT_USERNAME = "root"
 MAX_WORKERS = 1024
 MAX_BODY = 64 * 1024
-REQUEST_TIMEOUT = 30
 READ_SIZE = 32768
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -989,7 +994,12 @@ class _HTTPProblem(Exception):
     def __init__(self, status, message, headers=()):
         super().__init__(message)
         self.status = status
-        self.headers = dict(headers)
+        self.headers = list(dict(headers).items()) if isinstance(
+            headers, dict) else list(headers)
+
+
+_CHALLENGE = [("WWW-Authenticate", 'Bearer realm="sugar"'),
+              ("WWW-Authenticate", 'Basic realm="sugar"')]
 
 
 _FORM_TYPE = "application/x-www-form-urlencoded"
@@ -1000,7 +1010,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "Sugar"
-    timeout = REQUEST_TIMEOUT
+    open_paths = ("/register", "/pubkey")
+    _watchdog = None
     routes = (
         ("/", {"GET": "usage"}),
         ("/register", {"POST": "register"}),
@@ -1009,7 +1020,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ("/clients/<id>", {"GET": "show_client", "DELETE": "delete_client"}),
         ("/jobs", {"GET": "list_jobs"}),
         ("/jobs/<id>", {"GET": "show_job"}),
+        ("/pubkey", {"GET": "pubkey"}),
     )
+
+    def setup(self):
+        self.timeout = self.server.sugar.request_timeout
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self._arm()
+            self.connection.do_handshake()
+
+    def handle_one_request(self):
+        self._arm()
+        try:
+            super().handle_one_request()
+        finally:
+            self._disarm()
+
+    def _arm(self):
+        """Cut the connection unless the request is read in time."""
+        self._disarm()
+        self._watchdog = threading.Timer(self.timeout, self._cut)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _disarm(self):
+        if self._watchdog:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _cut(self):
+        logger.info("%s sent no whole request in %gs; connection closed",
+                    self.address_string(), self.timeout)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def log_message(self, format, *args):
         logger.info("%s %s", self.address_string(), format % args)
@@ -1033,7 +1079,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type",
                          content_type or "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
+        if isinstance(headers, dict):
+            headers = headers.items()
+        headers = list(headers or ())
+        if status >= 400 and "connection" not in (n.lower() for n, _ in
+                                                   headers):
+            # The body may be unread: the connection cannot go on.
+            headers.append(("Connection", "close"))
+        for name, value in headers or ():
             if name.lower() == "connection" and value == "close":
                 self.close_connection = True
             self.send_header(name, value)
@@ -1050,27 +1103,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return bool(accept) and "application/json" in accept
 
     def _route(self, path):
-        """``(methods, arguments)`` of the route *path* takes, or 404."""
+        """``(pattern, methods, arguments)`` of the route for *path*."""
         parts = path.split("/")
         for pattern, methods in self.routes:
             wanted = pattern.split("/")
             if len(wanted) == len(parts) and all(
                     w == p or (w == "<id>" and p)
                     for w, p in zip(wanted, parts)):
-                return methods, [urllib.parse.unquote(p) for w, p
-                                 in zip(wanted, parts) if w == "<id>"]
+                return pattern, methods, [
+                    urllib.parse.unquote(p) for w, p in zip(wanted, parts)
+                    if w == "<id>"]
         raise _HTTPProblem(404, "no such path: %r; Sugar answers %s" % (
             path[:200], ", ".join(pattern for pattern, _ in self.routes)))
 
     def _dispatch(self):
         try:
             path = urllib.parse.urlsplit(self.path).path
-            methods, arguments = self._route(path)
+            pattern, methods, arguments = self._route(path)
             if self.command not in methods:
                 allowed = ", ".join(sorted(methods))
                 raise _HTTPProblem(405, "%s is not allowed on %s; use %s"
                                    % (self.command, path[:200], allowed),
                                    {"Allow": allowed})
+            if pattern not in self.open_paths and not self._authorised():
+                logger.info("%s refused %s %s: no valid API token",
+                            self.address_string(), self.command, path[:200])
+                raise _HTTPProblem(401, "this needs the API token; send it "
+                                   "as Authorization: Bearer TOKEN, or with "
+                                   "curl -u :TOKEN", _CHALLENGE)
+            if self.command in ("GET", "HEAD", "DELETE"):
+                self._refuse_body()
+                self._disarm()
             getattr(self, "do_" + methods[self.command])(*arguments)
         except _HTTPProblem as exc:
             self._reply(exc.status, str(exc), exc.headers)
@@ -1085,6 +1148,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "the details", {"Connection": "close"})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
+
+    def _presented_token(self):
+        """The token in the Authorization header (bearer or basic), or None.
+        """
+        kind, _, value = (self.headers["Authorization"] or "").partition(" ")
+        if kind.lower() == "bearer":
+            return value.strip()
+        if kind.lower() == "basic":
+            try:
+                pair = base64.b64decode(value.strip(), validate=True)
+            except binascii.Error:
+                return None
+            return pair.decode("utf-8", "replace").partition(":")[2]
+        return None
+
+    def _authorised(self, token=None):
+        """True if the request carries *token* (default: the API token)."""
+        expected = token or self.server.sugar.token
+        presented = self._presented_token()
+        return presented is not None and hmac.compare_digest(
+            presented.encode("utf-8"), expected.encode("utf-8"))
+
+    def _refuse_body(self):
+        """413 for a body on a request that takes none."""
+        if self.headers["Content-Length"] not in (None, "0") or \
+                self.headers["Transfer-Encoding"]:
+            raise _HTTPProblem(413, "%s %s takes no body" % (
+                self.command, urllib.parse.urlsplit(self.path).path[:200]),
+                {"Connection": "close"})
 
     def _read_query(self, allowed):
         """The query string as a dict; 400 for an unknown or repeated name."""
@@ -1109,7 +1201,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(413, "body of %s bytes is over the limit of "
                               "%d bytes" % (length, MAX_BODY),
                               {"Connection": "close"})
-        body = self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:
+            body = b""
+        self._disarm()
         kind = (self.headers["Content-Type"] or "").split(";")[0].strip()
         if kind.lower() != _FORM_TYPE:
             raise _HTTPProblem(415, "Content-Type %r is not %s; send the "
@@ -1146,12 +1242,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             form[name] = value
         return form
 
+    def do_pubkey(self):
+        line = self.server.sugar.public_key()
+        if line is None:
+            raise _HTTPProblem(404, "the server has no public SSH key to "
+                               "give; set SSH_KEY, or create one with "
+                               "ssh-keygen")
+        self._reply(200, line)
+
     def do_usage(self):
         self._reply(200, _USAGE)
 
     def do_register(self):
-        form = self._read_form(("id", "address", "username"))
+        form = self._read_form(("id", "address", "username", "hostkey",
+                                "token"))
         sugar = self.server.sugar
+        admin = self._authorised()
+        if sugar.register_token and not admin and not self._has_register_token(
+                form.get("token"), sugar.register_token):
+            raise _HTTPProblem(401, "registering needs the register token; "
+                               "send it as the field token or as "
+                               "Authorization: Bearer TOKEN", _CHALLENGE)
         try:
             client_id = _check_id(_required(form, "id"))
             if "address" in form:
@@ -1159,10 +1270,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 host, port = _requester_host(self.client_address[0]), 22
             username = _check_username(form.get("username", DEFAULT_USERNAME))
+            hostkey = form.get("hostkey") and _parse_hostkey(form["hostkey"])
         except _BadField as exc:
             raise _HTTPProblem(400, str(exc)) from None
+        self._keep_pin(sugar.registry.get(client_id), hostkey, admin)
         entry, previous = sugar.registry.register(
-            client_id, host, port, username)
+            client_id, host, port, username, hostkey)
         address = _format_address(host, port)
         if previous is None:
             logger.info("%s: registered client %s", address, client_id)
@@ -1175,6 +1288,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reply(200, "updated client %s at %s as %s (was %s as %s)"
                     % (client_id, address, username, before,
                        previous["username"]))
+
+    def _has_register_token(self, field, expected):
+        if field is not None:
+            return hmac.compare_digest(field.encode("utf-8"),
+                                       expected.encode("utf-8"))
+        return self._authorised(expected)
+
+    @staticmethod
+    def _keep_pin(previous, hostkey, admin):
+        """409 unless *hostkey* may replace the pinned key of *previous*."""
+        pinned = previous and previous.get("hostkey")
+        if pinned and hostkey and hostkey != pinned and not admin:
+            raise _HTTPProblem(409, (
+                "client %s has another pinned host key (%s); replacing it "
+                "needs the API token (Authorization: Bearer TOKEN), as for "
+                "a re-installed machine" % (
+                    previous["id"], _hostkey_object(pinned).fingerprint)))
 
     def do_run(self):
         form = self._read_form(_RUN_FIELDS)
@@ -1600,18 +1730,67 @@ GET  /jobs/<id>
 # ---------------------------------------------------------------------------
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer bound to the address family *host* needs."""
+    """ThreadingHTTPServer bound to the address family *host* needs, and
+    speaking TLS when given an `ssl.SSLContext`.
+    """
 
-    def __init__(self, host, port, sugar):
+    request_queue_size = 1024
+
+    def __init__(self, host, port, sugar, tls=None):
         self.sugar = sugar
+        self.tls = tls
         self.address_family, bind_host = _family(host)
         super().__init__((bind_host, port), _Handler)
+
+    def get_request(self):
+        connection, address = super().get_request()
+        if self.tls:
+            # The handshake happens in the request's own thread.
+            connection = self.tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
+
+    def handle_error(self, request, client_address):
+        kind = sys.exc_info()[0]
+        if issubclass(kind, (ssl.SSLError, ConnectionError, TimeoutError)):
+            logger.debug("%s connection failed", client_address[0],
+                         exc_info=True)
+        else:
+            logger.exception("%s request failed", client_address[0])
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
                                    0)
         super().server_bind()
+
+
+def _tls_context(cert, key):
+    """A server-side TLS context with the standard library's defaults."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _load_token(path):
+    """The API token kept in *path*, made (owner-only) if there is none."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o600)
+    except FileExistsError:
+        with open(path, encoding="utf-8") as kept:
+            return kept.read().strip()
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as made:
+        made.write(token + "\n")
+    logger.info("made a new API token in %s", path)
+    return token
+
+
+def _make_private_folder(path):
+    """Create *path* for the owner only, if it does not exist yet."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _family(host):
@@ -1648,10 +1827,22 @@ class Server:
                  log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, keep_jobs=DEFAULT_KEEP_JOBS,
-                 stale=None, ssh_key=None):
+                 stale=None, ssh_key=None, token=None, register_token=None,
+                 tls_cert=None, tls_key=None,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         self.workers = workers
         self.log_dir = log_dir
         self.stale = stale
+        self.ssh_key = ssh_key
+        self.register_token = register_token
+        self.request_timeout = request_timeout
+        self.token_file = None
+        if token is None:
+            self.token_file = os.path.join(
+                os.path.dirname(os.path.abspath(registry)), TOKEN_FILE)
+            token = _load_token(self.token_file)
+        self.token = token
+        _make_private_folder(log_dir)
         self.registry = _Registry(registry)
         self.jobs = _JobStore(jobs, keep_jobs)
         self._client_options = {
@@ -1665,7 +1856,8 @@ class Server:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="sugar-ssh")
         try:
-            self._http = _HTTPServer(host, port, self)
+            self._http = _HTTPServer(host, port, self, _tls_context(
+                tls_cert, tls_key) if tls_cert else None)
         except BaseException:
             self._pool.shutdown()
             self.registry.close()
@@ -1770,6 +1962,24 @@ class Server:
                                        record["command"], record["timeout"])
         future.address = client.address
         return future
+
+    def public_key(self):
+        """The public key line of the server's SSH key, or None."""
+        if self.ssh_key:
+            candidates = [self.ssh_key + ".pub"]
+        else:
+            candidates = [os.path.expanduser("~/.ssh/id_%s.pub" % kind)
+                          for kind in ("ed25519", "ecdsa", "rsa")]
+        for path in candidates:
+            try:
+                with open(path, encoding="utf-8") as public:
+                    return public.read().strip()
+            except OSError:
+                pass
+        if self.ssh_key:
+            key = paramiko.PKey.from_path(self.ssh_key)
+            return "%s %s sugar" % (key.get_name(), key.get_base64())
+        return None
 
     def _pin(self, client, hostkey):
         self.registry.pin(client.id, hostkey)
@@ -1883,7 +2093,15 @@ def settings_from_environ(environ):
                          " seconds"),
         "log_dir": environ.get("LOG_DIR", "") or ".",
         "ssh_key": environ.get("SSH_KEY", "") or None,
+        "token": environ.get("TOKEN", "") or None,
+        "register_token": environ.get("REGISTER_TOKEN", "") or None,
+        "tls_cert": environ.get("TLS_CERT", "") or None,
+        "tls_key": environ.get("TLS_KEY", "") or None,
+        "request_timeout": _number(environ, "REQUEST_TIMEOUT",
+                                   DEFAULT_REQUEST_TIMEOUT, float, 1, 3600,
+                                   " seconds"),
     }
+    _check_tls(settings["tls_cert"], settings["tls_key"])
     if settings["host"]:
         try:
             _check_host(settings["host"], "HOST")
@@ -1900,9 +2118,27 @@ def settings_from_environ(environ):
     return settings
 
 
+def _check_tls(cert, key):
+    if bool(cert) != bool(key):
+        raise SettingError("TLS_CERT and TLS_KEY go together; set both (PEM "
+                           "files) for HTTPS, or neither")
+    if not cert:
+        return
+    for name, path in (("TLS_CERT", cert), ("TLS_KEY", key)):
+        if not os.access(path, os.R_OK):
+            raise SettingError("%s=%r cannot be read; name a PEM file this "
+                               "user can read" % (name, path))
+    try:
+        _tls_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingError("TLS_CERT=%r and TLS_KEY=%r do not make a "
+                           "certificate and its key: %s"
+                           % (cert, key, exc)) from None
+
+
 def _check_log_dir(path):
     try:
-        os.makedirs(path, exist_ok=True)
+        _make_private_folder(path)
     except OSError as exc:
         raise SettingError("LOG_DIR=%r cannot be created: %s"
                            % (path, exc.strerror)) from None

@@ -29,6 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 USER = getpass.getuser()
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+TOKEN = "test-token-0123456789"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+AUTHORISED = dict(FORM, Authorization="Bearer " + TOKEN)
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +140,8 @@ class Running:
         self.jobs = os.path.join(folder, "jobs")
         self.options = dict(host="127.0.0.1", registry=self.registry,
                             jobs=self.jobs, log_dir=self.log_dir,
-                            ssh_key=user_key, connect_timeout=5)
+                            ssh_key=user_key, connect_timeout=5,
+                            token=TOKEN)
         self.options.update(options)
         self.start()
 
@@ -157,11 +161,14 @@ class Running:
         self.start()
 
     def request(self, method, path, body=None, headers=None):
+        """Send a request with the API token unless *headers* say otherwise.
+        """
+        headers = dict(headers or {})
+        headers.setdefault("Authorization", "Bearer " + TOKEN)
         connection = http.client.HTTPConnection(self.host, self.port,
                                                 timeout=60)
         try:
-            connection.request(method, path, body=body,
-                               headers=headers or {})
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             return response.status, response.headers, \
                 response.read().decode("utf-8")
@@ -207,7 +214,8 @@ def server(tmp_path, user_key):
 
 def launch(tmp_path, env=None, wait_for_line=True):
     """Start ./sugar_server in *tmp_path* with *env* added."""
-    environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    environ = dict(os.environ, PYTHONUNBUFFERED="1", TOKEN=TOKEN)
+    environ.update(env or {})
     process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "sugar_server")],
         cwd=str(tmp_path), env=environ, stdout=subprocess.PIPE,
@@ -233,7 +241,7 @@ def readme_line(start):
 def test_readme_curl_lines_register_and_run_as_written(
         server, fleet, tmp_path):
     register = readme_line('curl -d "address=client.fqdn&id=')
-    run = readme_line('curl -d "command=whoami"')
+    run = readme_line('curl -u ":$TOKEN" -d "command=whoami"')
     for number, sshd in enumerate(fleet):
         machine_id = tmp_path / ("machine-id-%d" % number)
         machine_id.write_text("%032x\n" % (number + 1))
@@ -247,7 +255,8 @@ def test_readme_curl_lines_register_and_run_as_written(
 
     answer = subprocess.run(
         ["bash", "-c", run.replace("server:9999", server.url)],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True, text=True, check=True,
+        env=dict(os.environ, TOKEN=TOKEN)).stdout
 
     width = max(len(sshd.address) for sshd in fleet)
     expected = ["%-*s  exit code 0" % (width, sshd.address)
@@ -342,7 +351,7 @@ for bad in ["", "1root", "-x", "ro ot", "a/b", "a" * 33, "r\u00f6ot"]:
         "digits, '.', '_' or '-', not starting with '-' or a digit" % bad))
 BAD_REGISTRATIONS += [
     ({"id": "m", "colour": "red"}, "field 'colour' is unknown; this "
-     "endpoint takes id, address, username"),
+     "endpoint takes id, address, username, hostkey, token"),
 ]
 
 
@@ -631,15 +640,12 @@ def test_addresses_are_parsed_in_every_form():
 # HTTP
 # ---------------------------------------------------------------------------
 
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
 def test_unknown_path_is_404_naming_it(server):
     status, _, body = server.request("GET", "/nope")
 
     assert (status, body) == (404, "no such path: '/nope'; Sugar answers "
                               "/, /register, /run, /clients, /clients/<id>, "
-                              "/jobs, /jobs/<id>\n")
+                              "/jobs, /jobs/<id>, /pubkey\n")
 
 
 def test_wrong_method_is_405_with_allow(server):
@@ -671,7 +677,8 @@ def test_body_over_64_kib_is_413(server):
 def test_missing_content_length_is_411(server):
     with socket.create_connection((server.host, server.port)) as sock:
         sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/x-www-form-urlencoded\r\n\r\n")
+                     b"application/x-www-form-urlencoded\r\n"
+                     b"Authorization: Bearer %s\r\n\r\n" % TOKEN.encode())
         answer = sock.makefile("rb").read().decode()
 
     assert answer.startswith("HTTP/1.1 411 ")
@@ -984,7 +991,7 @@ def test_50_mb_from_two_clients_stays_out_of_memory_and_whole_in_logs(
                                                 timeout=300)
         connection.request("POST", "/run", urllib.parse.urlencode({
             "command": "yes %s | head -n %d" % (line.strip(), copies)}),
-            dict(FORM, Accept="application/json"))
+            dict(AUTHORISED, Accept="application/json"))
         document = json.loads(connection.getresponse().read())
         peak = read_rss(process.pid, "VmHWM")
     finally:
@@ -1032,7 +1039,7 @@ def test_streamed_run_shows_the_fast_client_before_the_slow_one_ends(
     connection.request("POST", "/run", urllib.parse.urlencode({
         "command": "case \"$SSH_CONNECTION\" in *' %s '*) sleep 3; "
         "date +%%s.%%N > %s;; esac; echo hi" % (slow.ip, ended),
-        "stream": "1"}), FORM)
+        "stream": "1"}), AUTHORISED)
     response = connection.getresponse()
 
     first = response.readline().decode()
