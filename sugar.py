@@ -362,6 +362,12 @@ def _log_path(log_dir, address):
     return path
 
 
+def _open_log(path):
+    """Open the log at *path* to append; a new one is the owner's only."""
+    return open(path, "a", encoding="utf-8",
+                opener=lambda name, flags: os.open(name, flags, 0o600))
+
+
 def _log_lock(path):
     with _log_locks_guard:
         return _log_locks.setdefault(path, threading.Lock())
@@ -399,7 +405,7 @@ class _LogEntry:
         self._direct = self._lock.acquire(blocking=False)
         try:
             if self._direct:
-                out = open(path, "a", encoding="utf-8")
+                out = _open_log(path)
             else:
                 out = self._spool(path, spool)
             self.stdout = _Sink(out)
@@ -423,8 +429,8 @@ class _LogEntry:
             if not self._direct:
                 self._lock.acquire()
                 self._direct = True
-                spooled, self.stdout.file = self.stdout.file, open(
-                    self.path, "a", encoding="utf-8")
+                spooled, self.stdout.file = self.stdout.file, _open_log(
+                    self.path)
                 self._copy(spooled, self.stdout.file)
             self.stdout.file.write("--- stderr ---\n")
             self._copy(self.stderr.file, self.stdout.file)

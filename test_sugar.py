@@ -5,6 +5,7 @@ host key; the test's user key is authorised there.  The Sugar server is
 real too, on a free port, and every request goes over real HTTP.
 """
 
+import base64
 import getpass
 import hashlib
 import http.client
@@ -47,7 +48,7 @@ def free_port(host="127.0.0.1"):
 class Sshd:
     """One real sshd on a loopback address: a simulated client machine."""
 
-    def __init__(self, folder, ip, user_key):
+    def __init__(self, folder, ip, user_key, extra=()):
         self.folder = folder
         self.ip = ip
         self.port = free_port(ip)
@@ -71,8 +72,8 @@ class Sshd:
                 "PermitRootLogin prohibit-password",
                 "MaxStartups 100", "LogLevel ERROR",
                 # Keeps bash from reading ~/.bashrc in each command.
-                "SetEnv SHLVL=1", "",
-            ]))
+                "SetEnv SHLVL=1",
+            ] + list(extra) + [""]))
         self.process = None
         self.start()
 
@@ -94,6 +95,19 @@ class Sshd:
             self.process.terminate()
             self.process.wait(10)
 
+    def public_host_key(self):
+        with open(self.host_key + ".pub") as public:
+            return public.read().strip()
+
+    def swap_host_key(self):
+        """Restart with a new host key, as a re-installed machine would."""
+        self.stop()
+        os.remove(self.host_key)
+        os.remove(self.host_key + ".pub")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                        "-f", self.host_key], check=True)
+        self.start()
+
 
 @pytest.fixture(scope="session")
 def user_key(tmp_path_factory):
@@ -113,9 +127,9 @@ _next_ip = iter(range(2, 250))
 def make_sshd(tmp_path, user_key):
     started = []
 
-    def make():
+    def make(extra=()):
         ip = "127.0.0.%d" % next(_next_ip)
-        host = Sshd(str(tmp_path / ("sshd-" + ip)), ip, user_key)
+        host = Sshd(str(tmp_path / ("sshd-" + ip)), ip, user_key, extra)
         started.append(host)
         return host
 
@@ -135,7 +149,7 @@ class Running:
     def __init__(self, folder, user_key, **options):
         self.folder = folder
         self.log_dir = os.path.join(folder, "logs")
-        os.makedirs(self.log_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         self.registry = os.path.join(folder, "registry")
         self.jobs = os.path.join(folder, "jobs")
         self.options = dict(host="127.0.0.1", registry=self.registry,
@@ -1406,3 +1420,372 @@ def test_an_idempotency_key_runs_a_command_once(server, make_sshd, tmp_path):
     assert json.loads(other[2]) == {"error": (
         "Idempotency-Key 'deploy-2026-12-03' was used for another request "
         "(job 1); use a new key for a new request")}
+
+
+# ---------------------------------------------------------------------------
+# Security: tokens, TLS, host keys, SSH identity, hostile HTTP
+# ---------------------------------------------------------------------------
+
+def basic(password):
+    return "Basic " + base64.b64encode(b":" + password.encode()).decode()
+
+
+def test_running_needs_the_api_token(server, make_sshd, tmp_path):
+    sshd = make_sshd()
+    server.register(sshd)
+    marker = tmp_path / "ran"
+    command = "echo x >> %s" % marker
+
+    missing = server.post("/run", {"Authorization": ""}, command=command)
+    wrong = server.post("/run", {"Authorization": "Bearer nope"},
+                        command=command)
+    wrong_basic = server.post("/run", {"Authorization": basic("nope")},
+                              command=command)
+    bearer = server.post("/run", command=command)
+    with_basic = server.post("/run", {"Authorization": basic(TOKEN)},
+                             command=command)
+
+    refusal = ("this needs the API token; send it as Authorization: Bearer "
+               "TOKEN, or with curl -u :TOKEN\n")
+    for status, headers, body in (missing, wrong, wrong_basic):
+        assert (status, body) == (401, refusal)
+        assert headers.get_all("WWW-Authenticate") == [
+            'Bearer realm="sugar"', 'Basic realm="sugar"']
+    assert bearer[0] == with_basic[0] == 200
+    assert marker.read_text() == "x\nx\n"
+    for path in ("/clients", "/jobs", "/jobs/1", "/"):
+        assert server.request("GET", path, headers={
+            "Authorization": ""})[0] == 401
+    assert server.request("DELETE", "/clients/" + client_id(sshd),
+                          headers={"Authorization": ""})[0] == 401
+    assert server.server.registry.get(client_id(sshd)) is not None
+
+
+def test_curl_basic_auth_with_an_empty_user_works(server, make_sshd):
+    server.register(make_sshd())
+
+    answer = subprocess.run(
+        ["curl", "-sS", "-u", ":" + TOKEN, "http://%s/clients" % server.url],
+        capture_output=True, text=True, check=True).stdout
+
+    assert answer.startswith("ID ")
+
+
+def test_a_made_token_is_private_kept_and_announced(tmp_path):
+    port = free_port()
+    env = {"PORT": str(port), "HOST": "127.0.0.1", "TOKEN": ""}
+    first = launch(tmp_path, env)
+    first.terminate()
+    first.communicate(timeout=30)
+    token_file = tmp_path / "sugar-token"
+    token = token_file.read_text()
+    second = launch(tmp_path, env)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=9)
+        connection.request("GET", "/jobs", headers={
+            "Authorization": "Bearer " + token.strip()})
+        status = connection.getresponse().status
+    finally:
+        second.terminate()
+        second.communicate(timeout=30)
+
+    assert first.first_line == second.first_line == (
+        "sugar: the API token is in %s (send it with curl -u :TOKEN)\n"
+        % token_file)
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert len(token.strip()) >= 40
+    assert token_file.read_text() == token
+    assert status == 200
+
+
+def test_register_token_is_required_when_set(tmp_path, user_key):
+    running = Running(str(tmp_path / "r"), user_key,
+                      register_token="join-secret")
+    try:
+        none = running.post("/register", {"Authorization": ""}, id="a1")
+        wrong = running.post("/register", {"Authorization": ""}, id="a2",
+                             token="guess")
+        field = running.post("/register", {"Authorization": ""}, id="a3",
+                             token="join-secret")
+        header = running.post("/register", {
+            "Authorization": "Bearer join-secret"}, id="a4")
+        ids = [e["id"] for e in running.server.registry.clients()]
+    finally:
+        running.stop()
+
+    refusal = ("registering needs the register token; send it as the field "
+               "token or as Authorization: Bearer TOKEN\n")
+    assert none[0::2] == wrong[0::2] == (401, refusal)
+    assert field[0] == header[0] == 201
+    assert sorted(ids) == ["a3", "a4"]
+
+
+def test_https_only_with_a_certificate(tmp_path, user_key):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    running = Running(str(tmp_path / "tls"), user_key, tls_cert=str(cert),
+                      tls_key=str(key))
+    try:
+        secure = subprocess.run(
+            ["curl", "-sS", "--cacert", str(cert), "-d", "id=m1",
+             "https://%s/register" % running.url],
+            capture_output=True, text=True)
+        plain = subprocess.run(
+            ["curl", "-sS", "-d", "id=m2", "http://%s/register"
+             % running.url], capture_output=True, text=True)
+        old = subprocess.run(
+            ["curl", "-sS", "--tlsv1.1", "--tls-max", "1.1", "--cacert",
+             str(cert), "https://%s/pubkey" % running.url],
+            capture_output=True, text=True)
+        ids = [e["id"] for e in running.server.registry.clients()]
+    finally:
+        running.stop()
+
+    assert (secure.returncode, secure.stdout) == (
+        0, "added client m1 at 127.0.0.1 as root\n")
+    assert plain.returncode != 0 and plain.stdout == ""
+    assert old.returncode != 0
+    assert ids == ["m1"]
+
+
+def test_bad_tls_files_stop_the_launcher(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    cases = [
+        ({"TLS_CERT": "/nonexistent.pem", "TLS_KEY": "/nonexistent.pem"},
+         "sugar: TLS_CERT='/nonexistent.pem' cannot be read; name a PEM "
+         "file this user can read\n"),
+        ({"TLS_CERT": str(tmp_path / "cert.pem")},
+         "sugar: TLS_CERT and TLS_KEY go together; set both (PEM files) "
+         "for HTTPS, or neither\n"),
+    ]
+    for env, line in cases:
+        process = launch(tmp_path, env, wait_for_line=False)
+        out, err = process.communicate(timeout=30)
+        assert (process.returncode, out, err) == (2, "", line)
+    process = launch(tmp_path, {"TLS_CERT": str(tmp_path / "cert.pem"),
+                                "TLS_KEY": str(tmp_path / "cert.pem")},
+                     wait_for_line=False)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.startswith("sugar: TLS_CERT=%r and TLS_KEY=%r do not make a "
+                          "certificate and its key: " % (
+                              str(tmp_path / "cert.pem"),
+                              str(tmp_path / "cert.pem")))
+    assert err.count("\n") == 1
+
+
+def test_a_pinned_host_key_that_matches_lets_the_command_run(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd, hostkey=sshd.public_host_key())
+
+    [client] = server.run_json("true")["clients"]
+
+    assert client["status"] == "ok"
+
+
+def test_the_first_host_key_is_trusted_and_pinned(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    assert server.server.registry.get(client_id(sshd))["hostkey"] is None
+
+    server.run_json("true")
+
+    kind, data = sshd.public_host_key().split()[:2]
+    assert server.server.registry.get(client_id(sshd))["hostkey"] == \
+        "%s %s" % (kind, data)
+
+
+def test_a_changed_host_key_is_refused_and_the_others_run(
+        server, fleet, tmp_path):
+    for sshd in fleet:
+        server.register(sshd)
+    server.run_json("true")
+    swapped = fleet[0]
+    old_key = sshd_key(swapped)
+    swapped.swap_host_key()
+    marker = tmp_path / "markers"
+
+    document = server.run_json("echo $SSH_CONNECTION >> %s" % marker)
+
+    outcomes = {c["address"]: (c["status"], c["error"])
+                for c in document["clients"]}
+    assert outcomes[swapped.address] == ("hostkey", (
+        "host key of %s port %d changed: expected ssh-ed25519 %s, offered "
+        "ssh-ed25519 %s, so the command did not run; if the machine was "
+        "re-installed, register it again with its new hostkey and the API "
+        "token" % (swapped.ip, swapped.port, old_key.fingerprint,
+                   sshd_key(swapped).fingerprint)))
+    assert [outcomes[s.address][0] for s in fleet[1:]] == ["ok", "ok"]
+    ran = marker.read_text()
+    assert swapped.ip + " " not in ran.replace(" %s " % swapped.ip, "@")
+    assert len(ran.splitlines()) == 2
+
+
+def sshd_key(sshd):
+    kind, data = sshd.public_host_key().split()[:2]
+    return sugar._hostkey_object("%s %s" % (kind, data))
+
+
+def test_replacing_a_pinned_key_needs_the_api_token(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd, hostkey=sshd.public_host_key())
+    pinned = server.server.registry.get(client_id(sshd))["hostkey"]
+    sshd.swap_host_key()
+    fields = {"id": client_id(sshd), "address": sshd.address,
+              "username": USER, "hostkey": sshd.public_host_key()}
+
+    hijack = server.post("/register", {"Authorization": ""}, **fields)
+    kept = server.server.registry.get(client_id(sshd))["hostkey"]
+    admin = server.post("/register", **fields)
+
+    assert hijack[0::2] == (409, (
+        "client %s has another pinned host key (%s); replacing it needs "
+        "the API token (Authorization: Bearer TOKEN), as for a re-installed "
+        "machine\n" % (client_id(sshd), sugar._hostkey_object(
+            pinned).fingerprint)))
+    assert kept == pinned
+    assert admin[0] == 200
+    assert server.run_json("true")["clients"][0]["status"] == "ok"
+
+
+def test_a_bad_hostkey_field_is_400(server):
+    status, _, body = server.post("/register", id="m", hostkey="ssh-ed25519 "
+                                  "not-base64!")
+
+    assert (status, body) == (400, (
+        "field 'hostkey': 'ssh-ed25519 not-base64!' is not an SSH public "
+        "key line; send the content of /etc/ssh/ssh_host_ed25519_key.pub\n"))
+
+
+def test_ssh_key_alone_is_offered_despite_a_crowded_agent(
+        server, make_sshd, tmp_path, monkeypatch):
+    socket_path = str(tmp_path / "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", socket_path],
+                             stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(socket_path):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        environ = dict(os.environ, SSH_AUTH_SOCK=socket_path)
+        for number in range(6):
+            wrong = str(tmp_path / ("wrong%d" % number))
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                            "-f", wrong], check=True)
+            subprocess.run(["ssh-add", "-q", wrong], env=environ,
+                           check=True, capture_output=True)
+        listed = subprocess.run(["ssh-add", "-l"], env=environ,
+                                capture_output=True, text=True).stdout
+        monkeypatch.setenv("SSH_AUTH_SOCK", socket_path)
+        sshd = make_sshd(extra=["MaxAuthTries 3"])
+        server.register(sshd)
+
+        [client] = server.run_json("true")["clients"]
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+    assert len(listed.splitlines()) == 6
+    assert client["status"] == "ok"
+
+
+def test_pubkey_gives_the_servers_public_key_without_a_token(
+        server, user_key):
+    status, _, body = server.request("GET", "/pubkey", headers={
+        "Authorization": ""})
+
+    with open(user_key + ".pub") as public:
+        assert (status, body) == (200, public.read().strip() + "\n")
+
+
+def test_idle_connections_do_not_hold_up_a_registration(server):
+    idle = [socket.create_connection((server.host, server.port))
+            for _ in range(200)]
+    try:
+        clock = time.monotonic()
+        status = server.post("/register", id="busy")[0]
+        took = time.monotonic() - clock
+    finally:
+        for connection in idle:
+            connection.close()
+
+    print("register with 200 idle connections open: %.3fs" % took)
+    assert status == 201
+    assert took < 5
+
+
+def test_a_slow_body_is_dropped_after_the_request_timeout(
+        tmp_path, user_key):
+    running = Running(str(tmp_path / "slow"), user_key, request_timeout=1)
+    try:
+        with socket.create_connection((running.host, running.port)) as slow:
+            slow.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded"
+                         b"\r\nContent-Length: 100\r\n\r\nid=")
+            clock = time.monotonic()
+            closed_after = None
+            for _ in range(40):
+                try:
+                    slow.sendall(b"a")
+                    if slow.recv(1, socket.MSG_DONTWAIT) == b"":
+                        closed_after = time.monotonic() - clock
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed_after = time.monotonic() - clock
+                    break
+                time.sleep(0.25)
+            other = running.post("/register", id="other")[0]
+        ids = [e["id"] for e in running.server.registry.clients()]
+    finally:
+        running.stop()
+
+    assert closed_after is not None and closed_after < 5
+    assert other == 201
+    assert ids == ["other"]
+
+
+def test_a_content_length_beyond_the_body_does_not_hang(tmp_path, user_key):
+    running = Running(str(tmp_path / "short"), user_key, request_timeout=1)
+    try:
+        with socket.create_connection((running.host, running.port)) as short:
+            short.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/x-www-form-urlencoded"
+                          b"\r\nContent-Length: 60000\r\n\r\nid=m")
+            short.settimeout(10)
+            answer = short.makefile("rb").read()
+    finally:
+        running.stop()
+
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_stores_token_and_logs_are_private(tmp_path, user_key, make_sshd):
+    folder = tmp_path / "private"
+    running = Running(str(folder), user_key, token=None)
+    sshd = make_sshd()
+    try:
+        authorised = {"Authorization": "Bearer " + (
+            folder / "sugar-token").read_text().strip()}
+        running.post("/register", authorised, id="p1", address=sshd.address,
+                     username=USER)
+        running.post("/run", authorised, command="true")
+    finally:
+        running.stop()
+    log = folder / "logs" / (sshd.address.replace(":", "_") + ".txt")
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+    modes = {path.name: oct(path.stat().st_mode & 0o777)
+             for path in folder.iterdir()}
+    assert modes.pop("sugar-token") == "0o600"
+    assert modes.pop("logs") == "0o700"
+    assert set(modes.values()) == {"0o600"}, modes
+    assert any(name.startswith("registry") for name in modes)
+    assert any(name.startswith("jobs") for name in modes)
