@@ -85,6 +85,7 @@ DEFAULT_REGISTRY = "sugar-registry"
 DEFAULT_JOBS = "sugar-jobs"
 DEFAULT_KEEP_JOBS = 1000
 DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_GRACE = 30.0
 TOKEN_FILE = "sugar-token"
 DEFAULT_USERNAME = "root"
 MAX_WORKERS = 1024
@@ -455,7 +456,7 @@ class _LogEntry:
 # ---------------------------------------------------------------------------
 
 STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "hostkey",
-            "error", "stale")
+            "error", "stale", "interrupted")
 
 
 class Result:
@@ -543,11 +544,18 @@ def _describe_connect_error(exc, client, timeout, spoke):
         return "unreachable", (
             "cannot resolve host name %r; check the address registered for "
             "it" % client.host)
-    if isinstance(exc, (socket.timeout, TimeoutError)) or (
-            isinstance(exc, paramiko.SSHException) and not spoke):
+    if isinstance(exc, (socket.timeout, TimeoutError)):
         return "unreachable", (
             "timed out connecting to %s after %gs; check that sshd answers "
             "there" % (where, timeout))
+    if isinstance(exc, (paramiko.SSHException, EOFError)) and not spoke:
+        return "unreachable", (
+            "no SSH server answered at %s within %gs; check that sshd "
+            "listens there" % (where, timeout))
+    if isinstance(exc, (paramiko.SSHException, EOFError)):
+        return "unreachable", (
+            "the SSH handshake with %s did not finish within %gs (%s)"
+            % (where, timeout, exc or type(exc).__name__))
     if isinstance(exc, ConnectionRefusedError):
         return "unreachable", (
             "connection refused by %s; check that sshd runs there and the "
@@ -631,15 +639,64 @@ def _drain(channel, out, err, deadline):
 def _limited(command, timeout):
     """A remote command line that runs *command* for at most *timeout* s.
 
+    It first writes its process id and a newline to stderr (see `_Pid`).
     The command runs in the user's login shell, as sshd would run it, under
-    `timeout`, which ends the command's whole process group when the time
-    is up (then KILLs it 2 s later) even if the server is gone by then.
+    `timeout`, which leads a process group of its own (whose id is that
+    process id) and ends it when the time is up (then KILLs it 2 s later),
+    even if the server is gone by then.
     """
     quoted = shlex.quote(command)
     return (
-        "if command -v timeout >/dev/null 2>&1; then "
+        "echo $$ >&2; if command -v timeout >/dev/null 2>&1; then "
         "exec timeout -k 2 %g \"$SHELL\" -c %s; else exec \"$SHELL\" -c %s; "
         "fi" % (timeout, quoted, quoted))
+
+
+class _Pid:
+    """Takes the process id line `_limited` writes first on stderr and
+    passes the rest of stderr on to *stream*.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._head = b""
+        self.pid = None
+
+    def feed(self, data):
+        if self.pid is not None:
+            self._stream.feed(data)
+            return
+        self._head += data
+        line, newline, rest = self._head.partition(b"\n")
+        if newline:
+            self.pid = int(line) if line.isdigit() else 0
+            self._head = b""
+            if rest:
+                self._stream.feed(rest)
+
+
+class _Execution:
+    """A command running on a client, which `stop` can end early."""
+
+    def __init__(self, cxn, channel, pid):
+        self.cxn = cxn
+        self.channel = channel
+        self._pid = pid
+        self.stopped = False
+
+    def stop(self):
+        """End the remote command's process group, then the channel."""
+        self.stopped = True
+        pid = self._pid.pid
+        if pid:
+            try:
+                killer = self.cxn.create_session()
+                killer.exec_command("kill -TERM -- -%d 2>/dev/null || "
+                                    "kill -TERM %d" % (pid, pid))
+                killer.close()
+            except (OSError, paramiko.SSHException, EOFError):
+                pass
+        self.channel.close()
 
 
 def _parse_hostkey(line, field="hostkey"):
@@ -691,7 +748,7 @@ class Client:
                  log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, ssh_key=None,
-                 hostkey=None, on_new_hostkey=None, ssh_config=None):
+                 hostkey=None, on_new_hostkey=None):
         self.host, self.port = _parse_address(address)
         self.address = _format_address(self.host, self.port)
         self.username = _check_username(username)
@@ -703,7 +760,8 @@ class Client:
         self.ssh_key = ssh_key
         self.hostkey = hostkey and _parse_hostkey(hostkey)
         self._on_new_hostkey = on_new_hostkey
-        self._ssh_config = ssh_config
+        self._execution = None
+        self._stopping = False
 
     @classmethod
     def from_entry(cls, entry, **options):
@@ -730,9 +788,13 @@ class Client:
         if self.ssh_key:
             options.update(key_filename=[self.ssh_key], look_for_keys=False,
                            allow_agent=False)
+        # A Config of its own: Fabric writes into the one it is given.  An
+        # empty SSH config: the registry, not ~/.ssh/config, says where and
+        # how to connect.
         cxn = fabric.Connection(
             self.host, user=self.username, port=self.port,
-            config=self._ssh_config, connect_kwargs=options)
+            config=fabric.Config(ssh_config=paramiko.SSHConfig()),
+            connect_kwargs=options)
         # Fabric's own policy accepts any host key; ours checks it.
         cxn.client.set_missing_host_key_policy(
             _TrustOnFirstUse(self._learn_hostkey))
@@ -755,9 +817,15 @@ class Client:
         """
         result = Result(self, command)
         clock = time.monotonic()
-        entry = _LogEntry(_log_path(self.log_dir, self.address),
-                          result.started, command, self.max_output)
-        result.log = entry.path
+        result.log = _log_path(self.log_dir, self.address)
+        try:
+            entry = _LogEntry(result.log, result.started, command,
+                              self.max_output)
+        except OSError as exc:
+            result.error = ("cannot write its log %s (%s), so the command "
+                            "did not run" % (result.log, exc.strerror))
+            logger.error("%s: %s", self.address, result.error)
+            return result
         try:
             self._run(command, timeout or self.command_timeout, result,
                       entry)
@@ -771,6 +839,10 @@ class Client:
     def _run(self, command, timeout, result, entry):
         cxn = self._connection()
         try:
+            if self._stopping:
+                result.status = "interrupted"
+                result.error = "not started: the server is stopping"
+                return
             try:
                 cxn.open()
             except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -789,27 +861,50 @@ class Client:
     def _execute(self, cxn, command, timeout, result, entry):
         out = _Stream(entry.stdout, self.max_output)
         err = _Stream(entry.stderr, self.max_output)
+        pid = _Pid(err)
         channel = cxn.create_session()
+        execution = self._execution = _Execution(cxn, channel, pid)
         try:
+            if self._stopping:
+                result.status = "interrupted"
+                result.error = "not started: the server is stopping"
+                return
             started = time.monotonic()
             channel.exec_command(_limited(command, timeout))
             channel.shutdown_write()
             # The remote `timeout` stops the command; past this grace the
-            # server gives up waiting for it.
-            ended = _drain(channel, out, err, started + timeout + 5)
+            # server stops it itself.
+            ended = _drain(channel, out, pid, started + timeout + 5)
+            if not ended:
+                execution.stop()
             code = channel.recv_exit_status() if ended else -1
             elapsed = time.monotonic() - started
         finally:
+            self._execution = None
             channel.close()
         (result.stdout, out_digest), (result.stderr, err_digest) = (
             out.finish(), err.finish())
         result.stdout_cut, result.stderr_cut = out.cut, err.cut
         result.digest = hashlib.sha256(out_digest + err_digest).hexdigest()
-        self._judge(result, code, elapsed, timeout)
+        self._judge(result, code, elapsed, timeout, execution.stopped)
+
+    def stop(self):
+        """Stop the command running here now, if any (from any thread).
+
+        Its Result says ``interrupted``; a run not started yet will not
+        start.
+        """
+        self._stopping = True
+        execution = self._execution
+        if execution is not None:
+            execution.stop()
 
     @staticmethod
-    def _judge(result, code, elapsed, timeout):
-        if elapsed >= timeout and code in (-1, 124, 128 + signal.SIGKILL):
+    def _judge(result, code, elapsed, timeout, stopped):
+        if stopped and elapsed < timeout:
+            result.status = "interrupted"
+            result.error = "stopped because the server shut down"
+        elif elapsed >= timeout and code in (-1, 124, 128 + signal.SIGKILL):
             result.status = "timeout"
             result.error = "ran past its %gs limit and was stopped" % timeout
         elif code < 0:
@@ -931,6 +1026,7 @@ class _Job:
             future = concurrent.futures.Future()
             future.set_result(Result.from_dict(document))
             future.address = document["address"]
+            future.client = future.result()
             job.futures.append(future)
         job.done.set()
         return job
@@ -956,9 +1052,11 @@ class _Job:
             self._finish()
 
     def _finish(self):
-        self.record["clients"] = [r.as_dict() for r in self.results()]
+        results = self.results()
+        self.record["clients"] = [r.as_dict() for r in results]
         self.record["ended"] = _timestamp()
-        self.record["state"] = "finished"
+        self.record["state"] = "interrupted" if any(
+            r.status == "interrupted" for r in results) else "finished"
         try:
             self._on_finish(self)
         finally:
@@ -966,7 +1064,9 @@ class _Job:
 
     def results(self):
         """The Results of the clients done so far, in registry order."""
-        return [f.result() for f in self.futures if f.done()]
+        return [_not_started(f.client, self.record["command"])
+                if f.cancelled() else f.result()
+                for f in self.futures if f.done()]
 
     def snapshot(self):
         """The record as it stands, with the results so far."""
@@ -974,6 +1074,13 @@ class _Job:
         if not self.done.is_set():
             record["clients"] = [r.as_dict() for r in self.results()]
         return record
+
+
+def _not_started(client, command):
+    result = Result(client, command)
+    result.status = "interrupted"
+    result.error = "not started: the server shut down"
+    return result
 
 
 def _fingerprint(form):
@@ -1835,7 +1942,8 @@ class Server:
                  max_output=DEFAULT_MAX_OUTPUT, keep_jobs=DEFAULT_KEEP_JOBS,
                  stale=None, ssh_key=None, token=None, register_token=None,
                  tls_cert=None, tls_key=None,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT,
+                 grace=DEFAULT_GRACE):
         self.workers = workers
         self.log_dir = log_dir
         self.stale = stale
@@ -1854,10 +1962,12 @@ class Server:
         self._client_options = {
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
-            "ssh_key": ssh_key, "ssh_config": fabric.Config(),
-            "on_new_hostkey": self._pin,
+            "ssh_key": ssh_key, "on_new_hostkey": self._pin,
         }
+        self.grace = grace
         self._running = {}
+        self._active = set()
+        self._hurry = threading.Event()
         self._starting = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="sugar-ssh")
@@ -1964,9 +2074,10 @@ class Server:
             future.set_result(_stale_result(client, record["command"],
                                             entry, self.stale))
         else:
-            future = self._pool.submit(_run_safely, client,
+            future = self._pool.submit(self._run_tracked, client,
                                        record["command"], record["timeout"])
         future.address = client.address
+        future.client = client
         return future
 
     def public_key(self):
@@ -1987,6 +2098,13 @@ class Server:
             return "%s %s sugar" % (key.get_name(), key.get_base64())
         return None
 
+    def _run_tracked(self, client, command, timeout):
+        self._active.add(client)
+        try:
+            return _run_safely(client, command, timeout)
+        finally:
+            self._active.discard(client)
+
     def _pin(self, client, hostkey):
         self.registry.pin(client.id, hostkey)
 
@@ -2006,19 +2124,42 @@ class Server:
         return job
 
     def serve(self):
-        """Answer requests until `shutdown`; then release everything."""
+        """Answer requests until `shutdown`, or an exception such as
+        KeyboardInterrupt; then `close`.
+        """
         try:
             self._http.serve_forever()
         finally:
-            self._close()
+            self.close()
 
     def shutdown(self):
         """Make `serve` return; call it from another thread."""
         self._http.shutdown()
 
-    def _close(self):
+    def hurry(self):
+        """Cut short the grace period of a `close` under way."""
+        self._hurry.set()
+
+    def close(self, grace=None):
+        """Stop: no new requests; running jobs get *grace* seconds (default
+        `grace`) to finish, then their commands are stopped and recorded as
+        interrupted; then every connection and store is closed.
+        """
         self._http.server_close()
+        deadline = time.monotonic() + (self.grace if grace is None
+                                       else grace)
+        for job in list(self._running.values()):
+            left = deadline - time.monotonic()
+            if left > 0 and not self._hurry.is_set():
+                job.done.wait(left)
+        if self._running:
+            logger.warning("stopping %d running jobs", len(self._running))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in list(self._active):
+            client.stop()
+        for job in list(self._running.values()):
+            job.done.wait(10)
+        self._pool.shutdown(wait=True)
         self.registry.close()
         self.jobs.close()
 

@@ -905,8 +905,8 @@ def test_a_client_that_never_speaks_ssh_is_unreachable(
         listener.close()
 
     assert (client["status"], client["error"]) == ("unreachable", (
-        "timed out connecting to 127.0.0.1 port %d after 1.5s; check that "
-        "sshd answers there" % port))
+        "no SSH server answered at 127.0.0.1 port %d within 1.5s; check "
+        "that sshd listens there" % port))
     assert took < 6, took
 
 
