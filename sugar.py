@@ -113,13 +113,15 @@ _PORT = re.compile(r"[0-9]{1,5}\Z")
 
 
 def _check_id(value):
-    """Return *value* if it looks like a machine-id, else raise _BadField."""
+    """Return *value*, lower-cased, if it looks like a machine-id, else
+    raise _BadField.
+    """
     if not _ID.match(value) or ".." in value:
         raise _BadField("id", (
             "%r is not a machine id; send up to 128 letters, digits, '.', "
-            "'_' or '-', such as the content of /etc/machine-id"
-        ) % value)
-    return value
+            "'_' or '-', starting with a letter or digit, such as the "
+            "content of /etc/machine-id" % value))
+    return value.lower()
 
 
 def _check_username(value):
@@ -135,9 +137,16 @@ def _check_username(value):
 def _check_host(host, field):
     """Return *host*, an IP address or host name, else raise _BadField."""
     try:
-        return str(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        pass
+        ip = None
+    if ip is not None:
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if ip.is_unspecified or ip.is_multicast or str(ip) == \
+                "255.255.255.255":
+            raise _BadField(field, "%s is not the address of one machine; "
+                            "send the client's own address" % host)
+        return str(ip)
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     if (not host or len(host) > 253
             or not all(_LABEL.match(label) for label in labels)
@@ -216,7 +225,7 @@ class _Registry:
     def __init__(self, path):
         self.path = path
         self._lock = threading.Lock()
-        self._shelf = _open_shelf(path)
+        self._shelf = _open_shelf(path, "REGISTRY")
 
     def register(self, client_id, host, port, username, hostkey=None):
         """Add or update a client; return ``(entry, previous or None)``.
@@ -285,9 +294,18 @@ class _Registry:
             self._shelf.close()
 
 
-def _open_shelf(path):
-    """A shelf at *path* whose files only their owner can read."""
-    return shelve.Shelf(dbm.open(path, "c", 0o600))
+def _open_shelf(path, name):
+    """A shelf at *path* whose files only their owner can read.
+
+    Raises SettingError, naming the setting *name*, if *path* holds
+    something else.
+    """
+    try:
+        return shelve.Shelf(dbm.open(path, "c", 0o600))
+    except dbm.error + (OSError,) as exc:
+        raise SettingError("%s=%r cannot be opened (%s); it was left as it "
+                           "is: move it away, or set %s to another file"
+                           % (name, path, exc, name)) from None
 
 
 def _address_of(entry):
@@ -935,7 +953,7 @@ class _JobStore:
     def __init__(self, path, keep):
         self.keep = keep
         self._lock = threading.Lock()
-        self._shelf = _open_shelf(path)
+        self._shelf = _open_shelf(path, "JOBS")
         self._mark_interrupted()
 
     def _mark_interrupted(self):
@@ -1111,6 +1129,10 @@ class _HTTPProblem(Exception):
             headers, dict) else list(headers)
 
 
+# Control characters from a request would let it forge or garble log lines.
+_CONTROL_ESCAPES = {code: "\\x%02x" % code
+                    for code in list(range(32)) + [127]}
+
 _CHALLENGE = [("WWW-Authenticate", 'Bearer realm="sugar"'),
               ("WWW-Authenticate", 'Basic realm="sugar"')]
 
@@ -1171,10 +1193,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format, *args):
-        logger.info("%s %s", self.address_string(), format % args)
+        logger.info("%s %s", self.address_string(),
+                    (format % args).translate(_CONTROL_ESCAPES))
 
     def log_error(self, format, *args):
-        logger.warning("%s %s", self.address_string(), format % args)
+        logger.warning("%s %s", self.address_string(),
+                       (format % args).translate(_CONTROL_ESCAPES))
 
     def send_error(self, code, message=None, explain=None):
         """Answer every error, ours or http.server's, as one line."""
@@ -1212,8 +1236,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     content_type="application/json")
 
     def _wants_json(self):
+        return self._accepts("application/json")
+
+    def _accepts(self, kind):
+        """True if the Accept header names *kind* (without q=0)."""
         accept = getattr(self, "headers", None) and self.headers["Accept"]
-        return bool(accept) and "application/json" in accept
+        for item in (accept or "").lower().split(","):
+            name, _, parameters = item.partition(";")
+            if name.strip() == kind and parameters.replace(" ", "") not in (
+                    "q=0", "q=0.0"):
+                return True
+        return False
 
     def _route(self, path):
         """``(pattern, methods, arguments)`` of the route for *path*."""
@@ -1231,8 +1264,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         try:
-            path = urllib.parse.urlsplit(self.path).path
+            path = self.path.partition("?")[0]
             pattern, methods, arguments = self._route(path)
+            if self.command == "HEAD" and "GET" in methods:
+                methods = dict(methods, HEAD=methods["GET"])
             if self.command not in methods:
                 allowed = ", ".join(sorted(methods))
                 raise _HTTPProblem(405, "%s is not allowed on %s; use %s"
@@ -1260,7 +1295,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(500, "internal error in Sugar; the server log has "
                         "the details", {"Connection": "close"})
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = \
+        do_OPTIONS = _dispatch
 
     def _presented_token(self):
         """The token in the Authorization header (bearer or basic), or None.
@@ -1293,7 +1329,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_query(self, allowed):
         """The query string as a dict; 400 for an unknown or repeated name."""
-        query = urllib.parse.urlsplit(self.path).query
+        query = self.path.partition("?")[2]
         return self._parse_form(query.encode("latin-1"), allowed, "query")
 
     def _read_form(self, allowed):
@@ -1302,12 +1338,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         Raises _HTTPProblem for a body Sugar cannot take: 411, 400, 413,
         415, or 400 naming a repeated or unknown field.
         """
+        self._read_query(())
+        if self.headers["Transfer-Encoding"]:
+            raise _HTTPProblem(411, "Transfer-Encoding is not supported; "
+                               "send the form with a Content-Length (curl "
+                               "-d does)")
+        if len(self.headers.get_all("Content-Length") or ()) > 1:
+            raise _HTTPProblem(400, "Content-Length is given more than "
+                               "once; send it once")
         length = self.headers["Content-Length"]
         if length is None:
             raise _HTTPProblem(411, "Content-Length is missing; send the "
                               "form with a length (curl -d does)",
                               {"Connection": "close"})
-        if not length.isdigit():
+        if not re.fullmatch(r"[0-9]{1,20}", length):
             raise _HTTPProblem(400, "Content-Length %r is not a number"
                               % length[:40], {"Connection": "close"})
         if int(length) > MAX_BODY:
@@ -1390,17 +1434,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         entry, previous = sugar.registry.register(
             client_id, host, port, username, hostkey)
         address = _format_address(host, port)
+        document = {"result": "added" if previous is None else "updated",
+                    "id": client_id, "address": address,
+                    "username": username}
         if previous is None:
             logger.info("%s: registered client %s", address, client_id)
-            self._reply(201, "added client %s at %s as %s"
-                        % (client_id, address, username))
-            return
-        before = _format_address(previous["host"], previous["port"])
-        logger.info("%s: client %s registered again (was %s)", address,
-                    client_id, before)
-        self._reply(200, "updated client %s at %s as %s (was %s as %s)"
-                    % (client_id, address, username, before,
-                       previous["username"]))
+            text = "added client %s at %s as %s" % (client_id, address,
+                                                    username)
+        else:
+            before = _format_address(previous["host"], previous["port"])
+            logger.info("%s: client %s registered again (was %s)", address,
+                        client_id, before)
+            text = "updated client %s at %s as %s (was %s as %s)" % (
+                client_id, address, username, before, previous["username"])
+            document.update(was_address=before,
+                            was_username=previous["username"])
+        status = 201 if previous is None else 200
+        if self._wants_json():
+            self._reply_json(status, document)
+        else:
+            self._reply(status, text)
 
     def _has_register_token(self, field, expected):
         if field is not None:
@@ -1500,7 +1553,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _stream_run(self, job, headers):
         """Answer /run in chunks: a line per client as it ends, then all."""
-        ndjson = "application/x-ndjson" in (self.headers["Accept"] or "")
+        ndjson = self._accepts("application/x-ndjson")
         self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson" if ndjson
@@ -1566,7 +1619,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
 
     def _client(self, client_id):
-        entry = self.server.sugar.registry.get(client_id)
+        entry = self.server.sugar.registry.get(client_id.lower())
         if entry is None:
             raise _HTTPProblem(404, "no client %r; GET /clients lists them"
                                % client_id[:200])
@@ -1582,7 +1635,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                      for name, value in document.items()))
 
     def do_delete_client(self, client_id):
-        entry = self.server.sugar.registry.remove(client_id)
+        entry = self.server.sugar.registry.remove(client_id.lower())
         if entry is None:
             raise _HTTPProblem(404, "no client %r; GET /clients lists them"
                                % client_id[:200])
@@ -1643,6 +1696,9 @@ def _command(form):
     if not command.strip():
         raise _HTTPProblem(400, "field 'command' is empty; send the shell "
                            "command to run")
+    if "\0" in command:
+        raise _HTTPProblem(400, "field 'command' holds a NUL byte, which no "
+                           "shell command can carry; remove it")
     if "only" in form:
         raise _HTTPProblem(400, "field 'only' goes with 'rerun'; send "
                            "rerun=<job id> too")
@@ -1950,15 +2006,19 @@ class Server:
         self.ssh_key = ssh_key
         self.register_token = register_token
         self.request_timeout = request_timeout
+        _make_private_folder(log_dir)
+        self.registry = _Registry(registry)
+        try:
+            self.jobs = _JobStore(jobs, keep_jobs)
+        except BaseException:
+            self.registry.close()
+            raise
         self.token_file = None
         if token is None:
             self.token_file = os.path.join(
                 os.path.dirname(os.path.abspath(registry)), TOKEN_FILE)
             token = _load_token(self.token_file)
         self.token = token
-        _make_private_folder(log_dir)
-        self.registry = _Registry(registry)
-        self.jobs = _JobStore(jobs, keep_jobs)
         self._client_options = {
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
@@ -2197,11 +2257,9 @@ def _number(environ, name, default, kind, low, high, unit=""):
     raw = environ.get(name, "")
     if raw == "":
         return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high or value != value:
+    pattern = r"[0-9]+" if kind is int else r"[0-9]+(\.[0-9]+)?"
+    value = kind(raw) if re.fullmatch(pattern, raw, re.ASCII) else None
+    if value is None or not low <= value <= high:
         kind_name = "a whole number" if kind is int else "a number"
         raise SettingError("%s=%r is not allowed; use %s from %s to %s%s"
                            % (name, raw, kind_name, low, high, unit))
@@ -2247,6 +2305,8 @@ def settings_from_environ(environ):
         "request_timeout": _number(environ, "REQUEST_TIMEOUT",
                                    DEFAULT_REQUEST_TIMEOUT, float, 1, 3600,
                                    " seconds"),
+        "grace": _number(environ, "GRACE", DEFAULT_GRACE, float, 0, 86400,
+                         " seconds"),
     }
     _check_tls(settings["tls_cert"], settings["tls_key"])
     if settings["host"]:
@@ -2259,10 +2319,21 @@ def settings_from_environ(environ):
     _check_log_dir(settings["log_dir"])
     _check_registry(settings["registry"], "REGISTRY")
     _check_registry(settings["jobs"], "JOBS")
-    if settings["ssh_key"] and not os.access(settings["ssh_key"], os.R_OK):
-        raise SettingError("SSH_KEY=%r cannot be read; name a private key "
-                           "file this user can read" % settings["ssh_key"])
+    if settings["ssh_key"]:
+        _check_ssh_key(settings["ssh_key"])
     return settings
+
+
+def _check_ssh_key(path):
+    if not os.access(path, os.R_OK) or os.path.isdir(path):
+        raise SettingError("SSH_KEY=%r cannot be read; name a private key "
+                           "file this user can read" % path)
+    try:
+        paramiko.PKey.from_path(path)
+    except (paramiko.SSHException, ValueError, OSError) as exc:
+        raise SettingError("SSH_KEY=%r is not a private key Sugar can use "
+                           "(%s); name an unencrypted private key, such as "
+                           "~/.ssh/id_ed25519" % (path, exc)) from None
 
 
 def _check_tls(cert, key):
@@ -2289,13 +2360,19 @@ def _check_log_dir(path):
     except OSError as exc:
         raise SettingError("LOG_DIR=%r cannot be created: %s"
                            % (path, exc.strerror)) from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
         raise SettingError("LOG_DIR=%r is not writable; choose a folder "
-                           "this user can write" % path)
+                           "this user can write" % path) from None
 
 
 def _check_registry(path, name):
     folder = os.path.dirname(os.path.abspath(path))
+    if path.endswith("/") or os.path.isdir(path):
+        raise SettingError("%s=%r is a folder; name a file in it, such as "
+                           "%s" % (name, path, os.path.join(
+                               path, "sugar-" + name.lower())))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise SettingError("%s=%r: folder %r does not exist or is not "
                            "writable" % (name, path, folder))

@@ -324,14 +324,14 @@ def test_registry_survives_a_restart(server, fleet):
 BAD_REGISTRATIONS = [
     ({"address": "a"}, "field 'id' is missing"),
     ({"id": ""}, "field 'id': '' is not a machine id; send up to 128 "
-     "letters, digits, '.', '_' or '-', such as the content of "
-     "/etc/machine-id"),
+     "letters, digits, '.', '_' or '-', starting with a letter or "
+     "digit, such as the content of /etc/machine-id"),
     ({"id": "../etc"}, "field 'id': '../etc' is not a machine id; send up "
-     "to 128 letters, digits, '.', '_' or '-', such as the content of "
-     "/etc/machine-id"),
+     "to 128 letters, digits, '.', '_' or '-', starting with a letter or "
+     "digit, such as the content of /etc/machine-id"),
     ({"id": "a b"}, "field 'id': 'a b' is not a machine id; send up to 128 "
-     "letters, digits, '.', '_' or '-', such as the content of "
-     "/etc/machine-id"),
+     "letters, digits, '.', '_' or '-', starting with a letter or "
+     "digit, such as the content of /etc/machine-id"),
     ({"id": "x" * 129}, None),
 ]
 NOT_A_HOST = ("field 'address': %r is not a host name or IP address; send "
@@ -807,7 +807,9 @@ def test_launcher_starts_in_its_folder_and_stops_cleanly(
         "sugar: listening on 127.0.0.1 port %d (registry %s, logs in %s); "
         "press Ctrl-C or send SIGTERM to stop\n"
         % (port, tmp_path / "sugar-registry", tmp_path))
-    assert (process.returncode, out) == (0, "sugar: stopped by %s\n" % said)
+    assert (process.returncode, out) == (0, (
+        "sugar: stopping on %s; running jobs get 30s to finish\n"
+        "sugar: stopped\n" % said))
     assert "Traceback" not in err
     assert any(name.startswith("sugar-registry")
                for name in os.listdir(tmp_path))
