@@ -41,6 +41,7 @@ __all__ = [
 import base64
 import binascii
 import codecs
+import collections.abc
 import concurrent.futures
 import copy
 import datetime
@@ -53,8 +54,10 @@ import http.server
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
 import re
+import resource
 import secrets
 import select
 import shelve
@@ -62,6 +65,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import tempfile
@@ -86,6 +90,13 @@ DEFAULT_JOBS = "sugar-jobs"
 DEFAULT_KEEP_JOBS = 1000
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_GRACE = 30.0
+DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_LOG_BACKUPS = 5
+# A session holds its socket, paramiko's two-descriptor wake-up pipe, the
+# log and up to two spool files; the server's own files, HTTP connections
+# and interpreter take the rest.
+FILES_PER_SESSION = 6
+FILES_BESIDES_SESSIONS = 48
 TOKEN_FILE = "sugar-token"
 DEFAULT_USERNAME = "root"
 MAX_WORKERS = 1024
@@ -198,6 +209,114 @@ def _format_address(host, port):
 
 
 # ---------------------------------------------------------------------------
+# Storage: shelves over SQLite
+# ---------------------------------------------------------------------------
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class _SQLiteStore(collections.abc.MutableMapping):
+    """A dbm-style mapping of bytes to bytes in one SQLite file.
+
+    Each change is committed before the call returns, and SQLite's
+    write-ahead log keeps the file whole if the process dies at any point.
+    The table is the one Python 3.13's `dbm.sqlite3` uses, so either reads
+    the other's files.  One connection is shared: callers serialise access.
+    """
+
+    def __init__(self, path):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(path, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE "
+                         "NOT NULL, value BLOB NOT NULL)")
+
+    def __getitem__(self, key):
+        row = self._db.execute("SELECT value FROM Dict WHERE key = "
+                               "CAST(? AS BLOB)", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return row[0]
+
+    def __setitem__(self, key, value):
+        self._db.execute("REPLACE INTO Dict (key, value) VALUES "
+                         "(CAST(? AS BLOB), CAST(? AS BLOB))", (key, value))
+
+    def __delitem__(self, key):
+        if not self._db.execute("DELETE FROM Dict WHERE key = CAST(? AS "
+                                "BLOB)", (key,)).rowcount:
+            raise KeyError(key)
+
+    def __iter__(self):
+        return iter([row[0] for row in self._db.execute(
+            "SELECT key FROM Dict")])
+
+    def __len__(self):
+        return self._db.execute("SELECT COUNT(key) FROM Dict").fetchone()[0]
+
+    def update_all(self, items):
+        """Store every ``(key, value)`` of *items* in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("REPLACE INTO Dict (key, value) VALUES "
+                                 "(CAST(? AS BLOB), CAST(? AS BLOB))", items)
+
+    def close(self):
+        self._db.close()
+
+
+def _is_sqlite(path):
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return True
+    return head in (b"", _SQLITE_MAGIC)
+
+
+def _open_shelf(path, name):
+    """A shelf over SQLite at *path*, which only its owner can read.
+
+    A store an earlier Sugar left there (a plain `shelve.open` file, of
+    any `dbm` kind) is carried over, its files kept with ``.old`` added.
+    Raises SettingError, naming the setting *name*, if *path* holds
+    anything else; that is left as it is.
+    """
+    try:
+        if not _is_sqlite(path) or (not os.path.exists(path)
+                                    and dbm.whichdb(path)):
+            _carry_over(path, name)
+        return shelve.Shelf(_SQLiteStore(path))
+    except dbm.error + (sqlite3.Error, OSError) as exc:
+        raise SettingError("%s=%r cannot be opened (%s); it was left as it "
+                           "is: move it away, or set %s to another file"
+                           % (name, path, exc, name)) from None
+
+
+def _carry_over(path, name):
+    """Copy the old `dbm` store at *path* into a new SQLite one there."""
+    if not dbm.whichdb(path):
+        raise dbm.error[0]("not a store Sugar knows")
+    with dbm.open(path, "r") as old:
+        items = [(key, old[key]) for key in old.keys()]
+    fresh = path + ".new"
+    for leftover in (fresh, fresh + "-wal", fresh + "-shm"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    store = _SQLiteStore(fresh)
+    store.update_all(items)
+    store.close()
+    for suffix in ("", ".dat", ".dir", ".bak", ".db", ".pag"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, path + suffix + ".old")
+    os.replace(fresh, path)
+    logger.warning("%s: carried over %d entries from the old store %s; its "
+                   "files are kept with .old added", name, len(items), path)
+
+
+# ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
 
@@ -294,20 +413,6 @@ class _Registry:
             self._shelf.close()
 
 
-def _open_shelf(path, name):
-    """A shelf at *path* whose files only their owner can read.
-
-    Raises SettingError, naming the setting *name*, if *path* holds
-    something else.
-    """
-    try:
-        return shelve.Shelf(dbm.open(path, "c", 0o600))
-    except dbm.error + (OSError,) as exc:
-        raise SettingError("%s=%r cannot be opened (%s); it was left as it "
-                           "is: move it away, or set %s to another file"
-                           % (name, path, exc, name)) from None
-
-
 def _address_of(entry):
     return _format_address(entry["host"], entry["port"])
 
@@ -381,8 +486,25 @@ def _log_path(log_dir, address):
     return path
 
 
-def _open_log(path):
-    """Open the log at *path* to append; a new one is the owner's only."""
+def _open_log(path, rotation):
+    """Open the log at *path* to append; a new one is the owner's only.
+
+    When it has reached *rotation*'s most bytes, it is first rotated as
+    `logging.handlers.RotatingFileHandler` does (``.1`` to ``.N``, N the
+    backups), by that handler.
+    """
+    most, backups = rotation
+    try:
+        full = os.path.getsize(path) >= most
+    except FileNotFoundError:
+        full = False
+    if full:
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=most, backupCount=backups, delay=True)
+        try:
+            handler.doRollover()
+        finally:
+            handler.close()
     return open(path, "a", encoding="utf-8",
                 opener=lambda name, flags: os.open(name, flags, 0o600))
 
@@ -416,15 +538,18 @@ class _LogEntry:
     and follows it when the command ends.  When another run on the same
     client is writing the log, stdout is spooled too, so entries never
     interleave.  Either way memory holds at most *spool* characters.
+    A log of *rotation* ``(most bytes, backups)`` or more is rotated before
+    an entry starts, so an entry is never split between files.
     """
 
-    def __init__(self, path, started, command, spool):
+    def __init__(self, path, started, command, spool, rotation):
         self.path = path
+        self._rotation = rotation
         self._lock = _log_lock(path)
         self._direct = self._lock.acquire(blocking=False)
         try:
             if self._direct:
-                out = _open_log(path)
+                out = _open_log(path, rotation)
             else:
                 out = self._spool(path, spool)
             self.stdout = _Sink(out)
@@ -449,7 +574,7 @@ class _LogEntry:
                 self._lock.acquire()
                 self._direct = True
                 spooled, self.stdout.file = self.stdout.file, _open_log(
-                    self.path)
+                    self.path, self._rotation)
                 self._copy(spooled, self.stdout.file)
             self.stdout.file.write("--- stderr ---\n")
             self._copy(self.stderr.file, self.stdout.file)
@@ -766,7 +891,8 @@ class Client:
                  log_dir=".", connect_timeout=DEFAULT_CONNECT_TIMEOUT,
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, ssh_key=None,
-                 hostkey=None, on_new_hostkey=None):
+                 hostkey=None, on_new_hostkey=None,
+                 log_rotation=(DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_BACKUPS)):
         self.host, self.port = _parse_address(address)
         self.address = _format_address(self.host, self.port)
         self.username = _check_username(username)
@@ -775,6 +901,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.max_output = max_output
+        self.log_rotation = log_rotation
         self.ssh_key = ssh_key
         self.hostkey = hostkey and _parse_hostkey(hostkey)
         self._on_new_hostkey = on_new_hostkey
@@ -838,7 +965,7 @@ class Client:
         result.log = _log_path(self.log_dir, self.address)
         try:
             entry = _LogEntry(result.log, result.started, command,
-                              self.max_output)
+                              self.max_output, self.log_rotation)
         except OSError as exc:
             result.error = ("cannot write its log %s (%s), so the command "
                             "did not run" % (result.log, exc.strerror))
@@ -1999,8 +2126,9 @@ class Server:
                  stale=None, ssh_key=None, token=None, register_token=None,
                  tls_cert=None, tls_key=None,
                  request_timeout=DEFAULT_REQUEST_TIMEOUT,
-                 grace=DEFAULT_GRACE):
-        self.workers = workers
+                 grace=DEFAULT_GRACE, log_max_bytes=DEFAULT_LOG_MAX_BYTES,
+                 log_backups=DEFAULT_LOG_BACKUPS):
+        self.workers = _fit_workers(workers)
         self.log_dir = log_dir
         self.stale = stale
         self.ssh_key = ssh_key
@@ -2023,6 +2151,7 @@ class Server:
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
             "ssh_key": ssh_key, "on_new_hostkey": self._pin,
+            "log_rotation": (log_max_bytes, log_backups),
         }
         self.grace = grace
         self._running = {}
@@ -2030,7 +2159,7 @@ class Server:
         self._hurry = threading.Event()
         self._starting = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix="sugar-ssh")
+            self.workers, thread_name_prefix="sugar-ssh")
         try:
             self._http = _HTTPServer(host, port, self, _tls_context(
                 tls_cert, tls_key) if tls_cert else None)
@@ -2224,6 +2353,24 @@ class Server:
         self.jobs.close()
 
 
+def _fit_workers(workers):
+    """*workers*, lowered (with a warning) to what the open-file limit
+    allows: each SSH session holds a few descriptors at once.
+    """
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return workers
+    fitting = max(1, (limit - FILES_BESIDES_SESSIONS) // FILES_PER_SESSION)
+    if workers > fitting:
+        logger.warning(
+            "WORKERS=%d needs about %d open files but the limit is %d; "
+            "using %d workers: raise the limit (ulimit -n) for more",
+            workers, workers * FILES_PER_SESSION + FILES_BESIDES_SESSIONS,
+            limit, fitting)
+        return fitting
+    return workers
+
+
 def _run_safely(client, command, timeout):
     """`Client.run_command`, with a fault in Sugar kept to that client."""
     try:
@@ -2307,6 +2454,11 @@ def settings_from_environ(environ):
                                    " seconds"),
         "grace": _number(environ, "GRACE", DEFAULT_GRACE, float, 0, 86400,
                          " seconds"),
+        "log_max_bytes": _number(environ, "LOG_MAX_BYTES",
+                                 DEFAULT_LOG_MAX_BYTES, int, 1024,
+                                 1024 ** 4, " bytes"),
+        "log_backups": _number(environ, "LOG_BACKUPS", DEFAULT_LOG_BACKUPS,
+                               int, 1, 1000),
     }
     _check_tls(settings["tls_cert"], settings["tls_key"])
     if settings["host"]:

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import re
+import resource
+import shelve
 import shutil
 import signal
 import socket
@@ -1791,3 +1793,301 @@ def test_stores_token_and_logs_are_private(tmp_path, user_key, make_sshd):
     assert set(modes.values()) == {"0o600"}, modes
     assert any(name.startswith("registry") for name in modes)
     assert any(name.startswith("jobs") for name in modes)
+
+
+# ---------------------------------------------------------------------------
+# Durability: stores, crashes, shutdown, log rotation, file descriptors
+# ---------------------------------------------------------------------------
+
+def http_post(port, path, fields, headers=None, timeout=30):
+    connection = http.client.HTTPConnection("127.0.0.1", port,
+                                            timeout=timeout)
+    try:
+        connection.request("POST", path, urllib.parse.urlencode(fields),
+                           dict(AUTHORISED, **(headers or {})))
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def http_get_json(port, path):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=dict(
+            AUTHORISED, Accept="application/json"))
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def test_concurrent_registrations_all_land_and_survive_a_restart(
+        server):
+    ids = ["m%04d" % number for number in range(1000)]
+    work = [(machine, "10.1.%d.%d" % (round_, number % 250))
+            for round_ in (1, 2) for number, machine in enumerate(ids)]
+    failures = []
+
+    def register(share):
+        for machine, address in share:
+            status = server.post("/register", id=machine, address=address,
+                                 username="root")[0]
+            if status not in (200, 201):
+                failures.append((machine, status))
+    threads = [threading.Thread(target=register, args=(work[i::20],))
+               for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    server.restart()
+
+    entries = {e["id"]: e["host"] for e in server.server.registry.clients()}
+    assert failures == []
+    assert len(entries) == 1000
+    assert entries == {machine: "10.1.2.%d" % (number % 250)
+                       for number, machine in enumerate(ids)}
+
+
+def test_a_killed_server_keeps_every_answered_registration(
+        tmp_path, make_sshd, user_key):
+    port = free_port()
+    env = {"PORT": str(port), "HOST": "127.0.0.1", "LOGGING": "WARNING",
+           "SSH_KEY": user_key}
+    process = launch(tmp_path, env)
+    answered, stop = [], threading.Event()
+
+    def burst(worker):
+        number = 0
+        while not stop.is_set():
+            machine = "k%d-%d" % (worker, number)
+            try:
+                status, _ = http_post(port, "/register", {"id": machine},
+                                      timeout=5)
+            except OSError:
+                return
+            if status == 201:
+                answered.append(machine)
+            number += 1
+    sshd = make_sshd()
+    http_post(port, "/register", {"id": "sleeper", "address": sshd.address,
+                                  "username": USER})
+    status, _ = http_post(port, "/run", {"command": "sleep 30",
+                                         "async": "1"})
+    deadline = time.monotonic() + 20
+    while not sleeping("30") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    threads = [threading.Thread(target=burst, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    process.kill()
+    process.wait(10)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    again = launch(tmp_path, env)
+    try:
+        clients = http_get_json(port, "/clients")["clients"]
+        job = http_get_json(port, "/jobs/1")
+    finally:
+        again.terminate()
+        again.communicate(timeout=30)
+
+    print("registrations answered before SIGKILL: %d" % len(answered))
+    assert status == 202
+    assert len(answered) > 20
+    assert set(answered) <= {c["id"] for c in clients}
+    assert job["state"] == "interrupted"
+
+
+def test_an_old_shelve_registry_is_carried_over(tmp_path):
+    path = str(tmp_path / "sugar-registry")
+    with shelve.open(path) as old:
+        old["abc"] = {"id": "abc", "host": "10.0.0.5", "port": 22,
+                      "username": "root",
+                      "registered": "2026-01-01T00:00:00.000Z",
+                      "last_seen": "2026-01-01T00:00:00.000Z"}
+    port = free_port()
+    process = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1"})
+    try:
+        clients = http_get_json(port, "/clients")["clients"]
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+
+    assert [(c["id"], c["address"], c["last_run"]) for c in clients] == [
+        ("abc", "10.0.0.5", None)]
+    assert "WARNING REGISTRY: carried over 1 entries from the old store " \
+        "sugar-registry; its files are kept with .old added\n" in err
+    assert any(name.endswith(".old") for name in os.listdir(tmp_path))
+
+
+def test_an_unreadable_registry_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "sugar-registry"
+    path.write_bytes(b"these bytes are no registry\n")
+    before = path.stat()
+
+    process = launch(tmp_path, {}, wait_for_line=False)
+    out, err = process.communicate(timeout=30)
+
+    assert (process.returncode, out) == (2, "")
+    assert err == ("sugar: REGISTRY='sugar-registry' cannot be opened "
+                   "(not a store Sugar knows); it was left as it is: move "
+                   "it away, or set REGISTRY to another file\n")
+    assert path.read_bytes() == b"these bytes are no registry\n"
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    assert sorted(os.listdir(tmp_path)) == ["sugar-registry"]
+
+
+def test_sigterm_lets_running_commands_finish(tmp_path, fleet,
+                                                   user_key):
+    port = free_port()
+    process = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1",
+                                "SSH_KEY": user_key})
+    for sshd in fleet:
+        http_post(port, "/register", {"id": client_id(sshd),
+                                      "address": sshd.address,
+                                      "username": USER})
+    http_post(port, "/run", {"command": "sleep 5; echo done",
+                             "async": "1"})
+    time.sleep(1)
+    clock = time.monotonic()
+
+    process.terminate()
+    out, err = process.communicate(timeout=60)
+    took = time.monotonic() - clock
+
+    again = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1"})
+    try:
+        job = http_get_json(port, "/jobs/1")
+    finally:
+        again.terminate()
+        again.communicate(timeout=30)
+    assert process.returncode == 0
+    assert 3 < took < 30
+    assert job["state"] == "finished"
+    assert [(c["status"], c["stdout"]) for c in job["clients"]] == [
+        ("ok", "done\n")] * 3
+
+
+def test_sigterm_past_the_grace_stops_remote_commands(tmp_path, fleet,
+                                                      user_key):
+    port = free_port()
+    env = {"PORT": str(port), "HOST": "127.0.0.1", "GRACE": "2",
+           "SSH_KEY": user_key}
+    process = launch(tmp_path, env)
+    for sshd in fleet:
+        http_post(port, "/register", {"id": client_id(sshd),
+                                      "address": sshd.address,
+                                      "username": USER})
+    http_post(port, "/run", {"command": "sleep 600.75", "async": "1"})
+    deadline = time.monotonic() + 20
+    while len(sleeping("600.75")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = len(sleeping("600.75"))
+    clock = time.monotonic()
+
+    process.terminate()
+    out, err = process.communicate(timeout=60)
+    took = time.monotonic() - clock
+    time.sleep(0.5)
+
+    again = launch(tmp_path, env)
+    try:
+        job = http_get_json(port, "/jobs/1")
+    finally:
+        again.terminate()
+        again.communicate(timeout=30)
+    print("exit after SIGTERM with GRACE=2: %.2fs" % took)
+    assert started == 3
+    assert process.returncode == 0
+    assert took < 8
+    assert sleeping("600.75") == []
+    assert job["state"] == "interrupted"
+    assert [(c["status"], c["error"]) for c in job["clients"]] == [
+        ("interrupted", "stopped because the server shut down")] * 3
+
+
+def test_client_logs_rotate_at_log_max_bytes(tmp_path, user_key,
+                                             make_sshd):
+    running = Running(str(tmp_path / "rotate"), user_key,
+                      log_max_bytes=2048, log_backups=2)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        for number in range(8):
+            running.post("/run", command="head -c 1500 /dev/zero | "
+                         "tr '\\0' %d" % number)
+    finally:
+        running.stop()
+
+    base = sshd.address.replace(":", "_") + ".txt"
+    assert running.log_files() == [base, base + ".1", base + ".2"]
+    # An entry of about 1,600 bytes: a log is rotated once two are in it.
+    logs = [running.read_log(sshd)]
+    for suffix in (".1", ".2"):
+        with open(os.path.join(running.log_dir, base + suffix)) as older:
+            logs.append(older.read())
+    assert [log.count("=== end") for log in logs] == [2, 2, 2]
+    assert ["".join(sorted(set(re.findall(r"(\d)\1{1499}", log))))
+            for log in logs] == ["67", "45", "23"]
+
+
+def open_descriptors(pid, settled_at=None):
+    """Descriptors open in *pid*, once the count reaches *settled_at*
+    (the last HTTP connection may take a moment to close), or after 5 s.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        count = len(os.listdir("/proc/%d/fd" % pid))
+        if count == settled_at or settled_at is None or \
+                time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
+def test_more_clients_than_open_files_allow_still_all_run(
+        tmp_path, user_key):
+    hosts = []
+    try:
+        for number in range(150):
+            ip = "127.0.%d.%d" % (100 + number // 200, 1 + number % 200)
+            hosts.append(Sshd(str(tmp_path / ("h%d" % number)), ip,
+                              user_key))
+        port = free_port()
+        environ = dict(os.environ, PYTHONUNBUFFERED="1", TOKEN=TOKEN,
+                       PORT=str(port), HOST="127.0.0.1", WORKERS="20",
+                       SSH_KEY=user_key, LOGGING="WARNING")
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sugar_server")],
+            cwd=str(tmp_path), env=environ, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (128, 128)))
+        process.stdout.readline()
+        try:
+            for sshd in hosts:
+                http_post(port, "/register", {
+                    "id": client_id(sshd), "address": sshd.address,
+                    "username": USER})
+            start = open_descriptors(process.pid)
+            counts, totals = [], []
+            for _ in range(2):
+                document = json.loads(http_post(
+                    port, "/run", {"command": "true"},
+                    {"Accept": "application/json"}, timeout=300)[1])
+                totals.append(document["totals"])
+                counts.append(open_descriptors(process.pid, start))
+        finally:
+            process.terminate()
+            out, err = process.communicate(timeout=60)
+    finally:
+        for sshd in hosts:
+            sshd.stop()
+
+    assert totals == [{"clients": 150, "ok": 150}] * 2
+    assert counts == [start, start]
+    assert "WORKERS=20 needs about 168 open files but the limit is 128; " \
+        "using 13 workers" in err
