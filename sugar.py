@@ -12,7 +12,7 @@ Set up a machine (a "client") once::
 
 then run a command on all of them::
 
-    curl -d "command=whoami" server:9999/run
+    curl -u ":$TOKEN" -d "command=whoami" server:9999/run
 
 The server is `Server`; `Client` is one registered machine and can be used
 on its own.  The launcher, ``sugar_server``, reads its settings from the
@@ -20,13 +20,13 @@ environment (see `settings_from_environ`).
 
 Limits, in plain words (the README says more):
 
-- The registry is a `shelve`.  A shelf is not safe for concurrent writers,
-  so every access goes through one lock, and entries are copies: an entry
-  changed in memory must be stored again to be kept.
+- The registry and the job store are shelves over SQLite: entries are
+  copies, so an entry changed in memory must be stored again to be kept,
+  and one lock per store serialises every access.
 - Every run opens a new SSH connection to each client.
-- Output is held in memory until the client's command ends.
-- The server accepts whatever host key a client presents (Fabric's default).
-- When the server stops, commands still running are abandoned.
+- Time limits and stopping rely on coreutils' `timeout` on the client; a
+  process that leaves its process group is not stopped.
+- The host key first seen is trusted when none is pinned or known.
 """
 
 __all__ = [
