@@ -50,6 +50,9 @@ import errno
 import fnmatch
 import hashlib
 import hmac
+import email.parser
+import email.policy
+import http.client
 import http.server
 import ipaddress
 import json
@@ -71,7 +74,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import fabric
 import paramiko
@@ -92,6 +97,8 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_GRACE = 30.0
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 5
+DEFAULT_MAX_SCRIPT = 1024 * 1024
+DOWNLOAD_TIMEOUT = 30
 # A session holds its socket, paramiko's two-descriptor wake-up pipe, the
 # log and up to two spool files; the server's own files, HTTP connections
 # and interpreter take the rest.
@@ -872,6 +879,83 @@ class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
         self._learn("%s %s" % (key.get_name(), key.get_base64()))
 
 
+class _Script:
+    """A script to copy to each client and run there, with its arguments.
+
+    *content* is its bytes; *source* names it (its URL, or the uploaded
+    file's name); *args* is a shell-quoted string of its arguments.
+    Raises _BadField for arguments that are not shell-quoted.
+    """
+
+    def __init__(self, content, source, args=""):
+        self.content = content
+        self.source = source
+        self.args = args
+        self.sha256 = hashlib.sha256(content).hexdigest()
+        try:
+            self.argv = shlex.split(args)
+        except ValueError as exc:
+            raise _BadField("args", "%r is not a shell-quoted list of "
+                            "arguments (%s)" % (args[:100], exc)) from None
+
+    @classmethod
+    def from_record(cls, record):
+        return cls(record["content"], record["source"], record["args"])
+
+    def as_record(self, with_content=True):
+        record = {"source": self.source, "sha256": self.sha256,
+                  "args": self.args}
+        if with_content:
+            record["content"] = self.content
+        return record
+
+    def describe(self):
+        """How logs and jobs name the run, as they show a command."""
+        text = "script %s (sha256 %s)" % (self.source, self.sha256)
+        return text + (" " + shlex.join(self.argv) if self.argv else "")
+
+    def command_line(self, path):
+        """The command that runs the copy at *path* with its arguments:
+        through the interpreter of its ``#!`` line, else ``/bin/sh``, so
+        a ``noexec`` /tmp does not matter.
+        """
+        first = self.content.split(b"\n", 1)[0]
+        interpreter = ["/bin/sh"]
+        if first.startswith(b"#!") and first[2:].strip():
+            interpreter = first[2:].decode("utf-8", "replace").split(None, 1)
+            interpreter[-1] = interpreter[-1].strip()
+        return shlex.join(interpreter + [path] + self.argv)
+
+
+def _download(url, limit, timeout):
+    """The bytes at the http(s) *url*, at most *limit* of them.
+
+    Raises ValueError, with the reason, when they cannot be had.
+    """
+    opener = urllib.request.OpenerDirector()
+    # Only http and https, also for redirects: no file:, ftp: or data:.
+    for handler in (urllib.request.ProxyHandler(),
+                    urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(),
+                    urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            content = response.read(limit + 1)
+    except urllib.error.HTTPError as exc:
+        raise ValueError("HTTP %d %s" % (exc.code, exc.reason)) from None
+    except urllib.error.URLError as exc:
+        raise ValueError(str(exc.reason)) from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    if len(content) > limit:
+        raise ValueError("the script is over the limit of %d bytes "
+                         "(MAX_SCRIPT)" % limit)
+    return content
+
+
 class Client:
     """One machine reached over SSH.
 
@@ -951,7 +1035,15 @@ class Client:
             cxn.client.get_host_keys().add(name, key.get_name(), key)
         return cxn
 
-    def run_command(self, command, timeout=None):
+    def run_script(self, content, args="", timeout=None, source="script"):
+        """Copy the script *content* (bytes) here, run it with the
+        shell-quoted *args*, remove it, and return a `Result` as
+        `run_command` does.  *source* names it in the log.
+        """
+        script = _Script(content, source, args)
+        return self.run_command(script.describe(), timeout, script)
+
+    def run_command(self, command, timeout=None, script=None):
         """Run *command* here, log it, and return a `Result`.
 
         Never raises for a problem on the client's side: a client that
@@ -973,7 +1065,7 @@ class Client:
             return result
         try:
             self._run(command, timeout or self.command_timeout, result,
-                      entry)
+                      entry, script)
         finally:
             result.duration = time.monotonic() - clock
             entry.close(result.outcome)
@@ -981,7 +1073,7 @@ class Client:
                     result.outcome, result.duration)
         return result
 
-    def _run(self, command, timeout, result, entry):
+    def _run(self, command, timeout, result, entry, script):
         cxn = self._connection()
         try:
             if self._stopping:
@@ -996,7 +1088,10 @@ class Client:
                 result.status, result.error = _describe_connect_error(
                     exc, self, self.connect_timeout, spoke)
                 return
-            self._execute(cxn, command, timeout, result, entry)
+            if script is None:
+                self._execute(cxn, command, timeout, result, entry)
+            else:
+                self._execute_script(cxn, script, timeout, result, entry)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             result.status = "error"
             result.error = "connection to %s lost: %s" % (self.address, exc)
@@ -1032,6 +1127,32 @@ class Client:
         result.stdout_cut, result.stderr_cut = out.cut, err.cut
         result.digest = hashlib.sha256(out_digest + err_digest).hexdigest()
         self._judge(result, code, elapsed, timeout, execution.stopped)
+
+    def _execute_script(self, cxn, script, timeout, result, entry):
+        """Copy *script* over SFTP to a new private file, run it, and
+        remove it, whatever happened.
+        """
+        sftp = cxn.sftp()
+        path = "/tmp/sugar-%s" % secrets.token_hex(16)
+        try:
+            try:
+                with sftp.open(path, "wx") as copy:
+                    copy.chmod(0o700)
+                    copy.write(script.content)
+            except (OSError, paramiko.SSHException) as exc:
+                result.status = "error"
+                result.error = "could not copy the script to %s: %s" % (
+                    path, exc)
+                return
+            self._execute(cxn, script.command_line(path), timeout, result,
+                          entry)
+        finally:
+            try:
+                sftp.remove(path)
+            except (OSError, paramiko.SSHException, EOFError):
+                logger.warning("%s: could not remove the script %s",
+                               self.address, path)
+            sftp.close()
 
     def stop(self):
         """Stop the command running here now, if any (from any thread).
@@ -1230,7 +1351,8 @@ def _not_started(client, command):
 
 def _fingerprint(form):
     """What makes two /run requests the same, for Idempotency-Key."""
-    same = {k: v for k, v in form.items() if k not in ("async", "stream")}
+    same = {k: v if isinstance(v, str) else hashlib.sha256(v).hexdigest()
+            for k, v in form.items() if k not in ("async", "stream")}
     return json.dumps(same, sort_keys=True)
 
 
@@ -1481,24 +1603,67 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]{1,20}", length):
             raise _HTTPProblem(400, "Content-Length %r is not a number"
                               % length[:40], {"Connection": "close"})
-        if int(length) > MAX_BODY:
+        kind = (self.headers["Content-Type"] or "").split(";")[0].strip()
+        kind = kind.lower()
+        multipart = kind == "multipart/form-data" and "script" in allowed
+        most = MAX_BODY + (self.server.sugar.max_script if multipart else 0)
+        if int(length) > most:
             raise _HTTPProblem(413, "body of %s bytes is over the limit of "
-                              "%d bytes" % (length, MAX_BODY),
-                              {"Connection": "close"})
+                               "%d bytes" % (length, most))
         try:
             body = self.rfile.read(int(length))
         except OSError:
             body = b""
         self._disarm()
-        kind = (self.headers["Content-Type"] or "").split(";")[0].strip()
-        if kind.lower() != _FORM_TYPE:
+        if kind != _FORM_TYPE and not multipart:
             raise _HTTPProblem(415, "Content-Type %r is not %s; send the "
-                              "fields as with curl -d"
-                              % (kind, _FORM_TYPE))
+                               "fields as with curl -d" % (kind, _FORM_TYPE))
         if len(body) < int(length):
             raise _HTTPProblem(400, "body ended after %d of %s bytes"
-                              % (len(body), length), {"Connection": "close"})
-        return self._parse_form(body, allowed)
+                               % (len(body), length))
+        if multipart:
+            return self._parse_multipart(body, allowed)
+        form = self._parse_form(body, allowed)
+        if "script" in form:
+            raise _HTTPProblem(400, "field 'script' is an upload; send it "
+                               "as a file, as with curl -F script=@file")
+        return form
+
+    def _parse_multipart(self, body, allowed):
+        """A multipart/form-data body as a dict: text fields as str, the
+        ``script`` file as bytes (its file name in ``_upload_name``).
+        """
+        head = "Content-Type: %s\r\n\r\n" % self.headers["Content-Type"]
+        message = email.parser.BytesParser(policy=email.policy.HTTP).\
+            parsebytes(head.encode("latin-1") + body)
+        if not message.is_multipart():
+            raise _HTTPProblem(400, "the body is not multipart/form-data; "
+                               "send the fields as with curl -F")
+        form, self._upload_name = {}, None
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name not in allowed:
+                raise _HTTPProblem(400, "field %r is unknown; this endpoint "
+                                   "takes %s" % (str(name)[:40],
+                                                 ", ".join(allowed)))
+            if name in form:
+                raise _HTTPProblem(400, "field %r is given twice; send it "
+                                   "once" % name)
+            data = part.get_payload(decode=True) or b""
+            if name == "script":
+                if len(data) > self.server.sugar.max_script:
+                    raise _HTTPProblem(413, "the script is over the limit "
+                                       "of %d bytes (MAX_SCRIPT)"
+                                       % self.server.sugar.max_script)
+                form[name] = data
+                self._upload_name = part.get_filename()
+                continue
+            try:
+                form[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _HTTPProblem(400, "field %r is not UTF-8 text"
+                                   % name) from None
+        return form
 
     @staticmethod
     def _parse_form(body, allowed, kind="field"):
@@ -1607,16 +1772,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(400, "fields 'stream' and 'async' exclude "
                                "each other; send one of them")
         key = _idempotency_key(self.headers["Idempotency-Key"])
+        sources = [name for name in ("command", "url", "script", "rerun")
+                   if name in form]
+        if len(sources) > 1:
+            raise _HTTPProblem(400, "fields %s exclude each other; send one "
+                               "of them" % " and ".join(map(repr, sources)))
+        if "args" in form and not {"url", "script"} & set(sources):
+            raise _HTTPProblem(400, "field 'args' goes with 'url' or "
+                               "'script'; send one of them too")
+        script, ids = None, None
         if "rerun" in form:
-            command, ids, timeout = self._rerun(form, timeout)
+            command, ids, timeout, script = self._rerun(form, timeout)
+        elif sources:
+            command = form[sources[0]]
+            script = self._script(form, sources[0])
+            if script is None:
+                command = _command(form)
         else:
-            command, ids = _command(form), None
+            command = _command(form)
         try:
             job = self.server.sugar.start_job(
                 command, timeout=timeout, target=form.get("target") or None,
                 ids=ids, include_stale=_flag(form, "stale"),
                 requester=self.client_address[0], key=key,
-                fingerprint=_fingerprint(form),
+                fingerprint=_fingerprint(form), script=script,
                 rerun=int(form["rerun"]) if ids is not None else None)
         except _BadField as exc:
             raise _HTTPProblem(400, str(exc)) from None
@@ -1635,7 +1814,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _rerun(self, form, timeout):
         """Command, client ids and timeout of a ``rerun`` request."""
-        for name in ("command", "target"):
+        for name in ("target",):
             if name in form:
                 raise _HTTPProblem(400, "field %r does not go with 'rerun', "
                                    "which runs that job's command on its "
@@ -1650,8 +1829,56 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not ids:
             raise _HTTPProblem(404, "job %d has no client that did not end "
                                "ok; nothing ran" % earlier.id)
+        script = earlier.record.get("script")
         return earlier.record["command"], ids, (
-            timeout or earlier.record["timeout"])
+            timeout or earlier.record["timeout"]), (
+            script and _Script.from_record(script))
+
+    def _script(self, form, source):
+        """The `_Script` a /run asks for with *source*, or None for a
+        command.  Fetches a ``url`` (502 if that fails) and checks its
+        ``sha256`` (409 if it differs).
+        """
+        sugar = self.server.sugar
+        digest = form.get("sha256", "").lower()
+        if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise _HTTPProblem(400, "field 'sha256': %r is not 64 hex "
+                               "digits" % digest[:80])
+        if source == "command":
+            if digest:
+                raise _HTTPProblem(400, "field 'sha256' goes with 'url' or "
+                                   "'script'")
+            return None
+        if source == "url":
+            url = form["url"]
+            if urllib.parse.urlsplit(url).scheme.lower() not in (
+                    "http", "https") or any(c in url for c in " \0\r\n"):
+                raise _HTTPProblem(400, "field 'url': %r is not an http or "
+                                   "https URL" % url[:200])
+            if sugar.require_sha256 and not digest:
+                raise _HTTPProblem(400, "field 'sha256' is missing; this "
+                                   "server runs scripts from URLs only with "
+                                   "their digest (REQUIRE_SHA256)")
+            try:
+                content = _download(url, sugar.max_script, DOWNLOAD_TIMEOUT)
+            except ValueError as exc:
+                raise _HTTPProblem(502, "could not fetch %r: %s; nothing "
+                                   "ran" % (url[:200], exc)) from None
+            name = url
+        else:
+            content, name = form["script"], self._upload_name or "upload"
+        if not content:
+            raise _HTTPProblem(400, "the script from %r is empty; nothing "
+                               "ran" % name[:200])
+        try:
+            script = _Script(content, name, form.get("args", ""))
+        except _BadField as exc:
+            raise _HTTPProblem(400, str(exc)) from None
+        if digest and digest != script.sha256:
+            raise _HTTPProblem(409, "the script from %r has sha256 %s, not "
+                               "%s as asked; nothing ran" % (
+                                   name[:200], script.sha256, digest))
+        return script
 
     def _job(self, text, field=None):
         """The job whose id is *text*; 404 (or 400 for a field) if none."""
@@ -1815,7 +2042,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 _RUN_FIELDS = ("command", "timeout", "stream", "target", "stale", "async",
-               "rerun", "only")
+               "rerun", "only", "url", "sha256", "args", "script")
 
 
 def _command(form):
@@ -1873,7 +2100,9 @@ def _job_summary(record):
         "requester": record["requester"], "command": record["command"],
         "target": record["target"], "timeout": record["timeout"],
         "rerun": record["rerun"], "started": record["started"],
-        "ended": record["ended"],
+        "ended": record["ended"], "authorised": record.get("authorised"),
+        "script": record.get("script") and _Script.from_record(
+            record["script"]).as_record(with_content=False),
         "totals": _totals([Result.from_dict(c) for c in record["clients"]]),
     }
 
@@ -2127,8 +2356,11 @@ class Server:
                  tls_cert=None, tls_key=None,
                  request_timeout=DEFAULT_REQUEST_TIMEOUT,
                  grace=DEFAULT_GRACE, log_max_bytes=DEFAULT_LOG_MAX_BYTES,
-                 log_backups=DEFAULT_LOG_BACKUPS):
+                 log_backups=DEFAULT_LOG_BACKUPS,
+                 max_script=DEFAULT_MAX_SCRIPT, require_sha256=False):
         self.workers = _fit_workers(workers)
+        self.max_script = max_script
+        self.require_sha256 = require_sha256
         self.log_dir = log_dir
         self.stale = stale
         self.ssh_key = ssh_key
@@ -2189,9 +2421,10 @@ class Server:
 
     def start_job(self, command, *, timeout=None, target=None, ids=None,
                   include_stale=False, requester=None, key=None,
-                  fingerprint=None, rerun=None):
+                  fingerprint=None, rerun=None, script=None):
         """Start a run as a job and return it (a `_Job`) at once.
 
+        With *script* (a `_Script`), that script runs instead of *command*.
         *ids*, when given, limits the run to those client ids.  Raises
         _Refused when the target matches no client.  With *key*, a job
         started with the same key in the last day is returned instead,
@@ -2203,20 +2436,23 @@ class Server:
                 if earlier:
                     return earlier
             entries = self._chosen(target, ids, include_stale)
+            if script is not None:
+                command = script.describe()
             record = {
                 "id": self.jobs.new_id(), "requester": requester,
                 "command": command, "target": target, "timeout": timeout
                 or self._client_options["command_timeout"],
                 "started": _timestamp(), "ended": None, "state": "running",
                 "clients": [], "key": key, "fingerprint": fingerprint,
-                "rerun": rerun,
+                "rerun": rerun, "authorised": True,
+                "script": script and script.as_record(),
             }
             job = _Job(record, self._finished)
             self._running[job.id] = job
             self.jobs.save(record)
-            logger.info("job %d: running %r on %d clients", job.id, command,
-                        len(entries))
-            job.start([self._submit(entry, stale, record)
+            logger.info("job %d: %s (authorised) runs %r on %d clients",
+                        job.id, requester, command, len(entries))
+            job.start([self._submit(entry, stale, record, script)
                         for entry, stale in entries])
         return job
 
@@ -2256,7 +2492,7 @@ class Server:
         """True if *entry* was last seen longer ago than `stale` allows."""
         return bool(self.stale) and _age(entry["last_seen"]) > self.stale
 
-    def _submit(self, entry, stale, record):
+    def _submit(self, entry, stale, record, script):
         client = Client.from_entry(entry, **self._client_options)
         if stale:
             future = concurrent.futures.Future()
@@ -2264,7 +2500,8 @@ class Server:
                                             entry, self.stale))
         else:
             future = self._pool.submit(self._run_tracked, client,
-                                       record["command"], record["timeout"])
+                                       record["command"], record["timeout"],
+                                       script)
         future.address = client.address
         future.client = client
         return future
@@ -2287,10 +2524,10 @@ class Server:
             return "%s %s sugar" % (key.get_name(), key.get_base64())
         return None
 
-    def _run_tracked(self, client, command, timeout):
+    def _run_tracked(self, client, command, timeout, script):
         self._active.add(client)
         try:
-            return _run_safely(client, command, timeout)
+            return _run_safely(client, command, timeout, script)
         finally:
             self._active.discard(client)
 
@@ -2371,10 +2608,10 @@ def _fit_workers(workers):
     return workers
 
 
-def _run_safely(client, command, timeout):
+def _run_safely(client, command, timeout, script=None):
     """`Client.run_command`, with a fault in Sugar kept to that client."""
     try:
-        return client.run_command(command, timeout)
+        return client.run_command(command, timeout, script)
     except Exception as exc:
         logger.exception("%s: running %r failed inside Sugar",
                          client.address, command)
@@ -2459,6 +2696,10 @@ def settings_from_environ(environ):
                                  1024 ** 4, " bytes"),
         "log_backups": _number(environ, "LOG_BACKUPS", DEFAULT_LOG_BACKUPS,
                                int, 1, 1000),
+        "max_script": _number(environ, "MAX_SCRIPT", DEFAULT_MAX_SCRIPT,
+                              int, 1, 64 * 1024 ** 2, " bytes"),
+        "require_sha256": _number(environ, "REQUIRE_SHA256", 0, int, 0,
+                                  1) == 1,
     }
     _check_tls(settings["tls_cert"], settings["tls_key"])
     if settings["host"]:

@@ -73,6 +73,7 @@ class Sshd:
                 "KbdInteractiveAuthentication no",
                 "PermitRootLogin prohibit-password",
                 "MaxStartups 100", "LogLevel ERROR",
+                "Subsystem sftp internal-sftp",
                 # Keeps bash from reading ~/.bashrc in each command.
                 "SetEnv SHLVL=1",
             ] + list(extra) + [""]))
@@ -1395,7 +1396,10 @@ def test_rerun_only_failed_runs_the_command_where_it_did_not_end_ok(
     assert server.post("/run", rerun="7")[0::2] == (
         400, "field 'rerun': no job '7'; GET /jobs lists them\n")
     assert server.post("/run", rerun="1", command="x")[0::2] == (
-        400, "field 'command' does not go with 'rerun', which runs that "
+        400, "fields 'command' and 'rerun' exclude each other; send one of "
+        "them\n")
+    assert server.post("/run", rerun="1", target="x")[0::2] == (
+        400, "field 'target' does not go with 'rerun', which runs that "
         "job's command on its clients; send one or the other\n")
 
 
@@ -2091,3 +2095,200 @@ def test_more_clients_than_open_files_allow_still_all_run(
     assert counts == [start, start]
     assert "WORKERS=20 needs about 168 open files but the limit is 128; " \
         "using 13 workers" in err
+
+
+# ---------------------------------------------------------------------------
+# Scripts: from a URL or uploaded
+# ---------------------------------------------------------------------------
+
+SHELL_SCRIPT = b"""#!/bin/sh
+echo "shell on $(echo $SSH_CONNECTION | cut -d' ' -f3) with $# args"
+for arg in "$@"; do echo "[$arg]"; done
+exit 3
+"""
+PYTHON_SCRIPT = b"""#!/usr/bin/env python3
+import sys
+print("python", sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def script_site(tmp_path):
+    """A real HTTP server on loopback serving scripts from a folder."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "deploy.sh").write_bytes(SHELL_SCRIPT)
+    (folder / "report.py").write_bytes(PYTHON_SCRIPT)
+    (folder / "big.sh").write_bytes(b"#" * (1024 * 1024 + 1))
+    (folder / "slow.sh").write_bytes(b"sleep 600.5\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=site.serve_forever)
+    thread.start()
+    yield "http://127.0.0.1:%d/" % site.server_address[1]
+    site.shutdown()
+    site.server_close()
+    thread.join()
+
+
+def leftover_scripts():
+    return sorted(name for name in os.listdir("/tmp")
+                  if name.startswith("sugar-"))
+
+
+def test_a_shell_and_a_python_script_from_urls_run_everywhere(
+        server, fleet, script_site):
+    for sshd in fleet:
+        server.register(sshd)
+    before = leftover_scripts()
+
+    shell = json.loads(server.post(
+        "/run", {"Accept": "application/json"}, url=script_site +
+        "deploy.sh", args="one 'two words' \"it's\"")[2])
+    python = json.loads(server.post(
+        "/run", {"Accept": "application/json"},
+        url=script_site + "report.py")[2])
+
+    for client, sshd in zip(shell["clients"], fleet):
+        assert (client["status"], client["exit_code"], client["stdout"]) == (
+            "failed", 3, "shell on %s with 3 args\n[one]\n[two words]\n"
+            "[it's]\n" % sshd.ip)
+    assert [(c["exit_code"], c["stdout"]) for c in python["clients"]] == [
+        (0, "python []\n")] * 3
+    digest = hashlib.sha256(SHELL_SCRIPT).hexdigest()
+    assert shell["command"] == "script %sdeploy.sh (sha256 %s) one 'two " \
+        "words' 'it'\"'\"'s'" % (script_site, digest)
+    assert "command: script %sdeploy.sh (sha256 %s)" % (
+        script_site, digest) in server.read_log(fleet[0])
+    job = json.loads(server.request("GET", "/jobs/1", headers={
+        "Accept": "application/json"})[2])
+    assert job["script"] == {"source": script_site + "deploy.sh",
+                             "sha256": digest,
+                             "args": "one 'two words' \"it's\""}
+    assert leftover_scripts() == before
+
+
+def test_a_pinned_digest_must_match(server, make_sshd, script_site,
+                                    tmp_path):
+    sshd = make_sshd()
+    server.register(sshd)
+    digest = hashlib.sha256(SHELL_SCRIPT).hexdigest()
+
+    wrong = server.post("/run", url=script_site + "deploy.sh",
+                        sha256="0" * 64)
+    right = server.post("/run", {"Accept": "application/json"},
+                        url=script_site + "deploy.sh", sha256=digest)
+
+    assert wrong[0::2] == (409, (
+        "the script from '%sdeploy.sh' has sha256 %s, not %s as asked; "
+        "nothing ran\n" % (script_site, digest, "0" * 64)))
+    assert [c["exit_code"] for c in json.loads(right[2])["clients"]] == [3]
+    assert server.read_log(sshd).count("=== end") == 1
+
+
+def test_require_sha256_makes_the_digest_mandatory(
+        tmp_path, user_key, make_sshd, script_site):
+    running = Running(str(tmp_path / "strict"), user_key,
+                      require_sha256=True)
+    try:
+        running.register(make_sshd())
+        answer = running.post("/run", url=script_site + "deploy.sh")
+    finally:
+        running.stop()
+
+    assert answer[0::2] == (400, (
+        "field 'sha256' is missing; this server runs scripts from URLs only "
+        "with their digest (REQUIRE_SHA256)\n"))
+
+
+def test_bad_script_urls_are_refused_and_nothing_runs(
+        server, make_sshd, script_site):
+    sshd = make_sshd()
+    server.register(sshd)
+    closed = "http://127.0.0.1:%d/x.sh" % free_port()
+
+    answers = [server.post("/run", url=url)[0::2] for url in (
+        script_site + "missing.sh", closed, "file:///etc/passwd",
+        script_site + "big.sh", "ftp://127.0.0.1/x.sh")]
+
+    assert answers == [
+        (502, "could not fetch '%smissing.sh': HTTP 404 File not found; "
+         "nothing ran\n" % script_site),
+        (502, "could not fetch %r: [Errno 111] Connection refused; nothing "
+         "ran\n" % closed),
+        (400, "field 'url': 'file:///etc/passwd' is not an http or https "
+         "URL\n"),
+        (502, "could not fetch '%sbig.sh': the script is over the limit of "
+         "1048576 bytes (MAX_SCRIPT); nothing ran\n" % script_site),
+        (400, "field 'url': 'ftp://127.0.0.1/x.sh' is not an http or https "
+         "URL\n"),
+    ]
+    assert server.log_files() == []
+
+
+def test_an_uploaded_script_runs(server, fleet, tmp_path):
+    for sshd in fleet:
+        server.register(sshd)
+    script = tmp_path / "deploy.sh"
+    script.write_bytes(SHELL_SCRIPT)
+    before = leftover_scripts()
+
+    answer = subprocess.run(
+        ["curl", "-sS", "-u", ":" + TOKEN, "-F", "script=@%s" % script,
+         "-F", "args=a 'b c'", "http://%s/run" % server.url],
+        capture_output=True, text=True, check=True).stdout
+
+    assert answer.splitlines()[0].endswith("exit code 3")
+    assert "[b c]" in answer
+    assert "3 clients: 3 failed" in answer
+    assert leftover_scripts() == before
+    too_big = tmp_path / "big.sh"
+    too_big.write_bytes(b"#" * (1024 * 1024 + 1))
+    refused = subprocess.run(
+        ["curl", "-sS", "-u", ":" + TOKEN, "-F", "script=@%s" % too_big,
+         "http://%s/run" % server.url], capture_output=True, text=True)
+    assert refused.stdout == "the script is over the limit of 1048576 " \
+        "bytes (MAX_SCRIPT)\n"
+
+
+def test_the_script_is_removed_after_a_timeout(server, make_sshd,
+                                               script_site):
+    sshd = make_sshd()
+    server.register(sshd)
+    before = leftover_scripts()
+
+    [client] = json.loads(server.post(
+        "/run", {"Accept": "application/json"}, url=script_site + "slow.sh",
+        timeout="1")[2])["clients"]
+
+    assert client["status"] == "timeout"
+    assert leftover_scripts() == before
+    deadline = time.monotonic() + 5
+    while sleeping("600.5") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleeping("600.5") == []
+
+
+def test_script_fields_that_do_not_fit_are_refused(server, make_sshd,
+                                                   script_site):
+    server.register(make_sshd())
+
+    assert server.post("/run", command="x", url=script_site)[0::2] == (
+        400, "fields 'command' and 'url' exclude each other; send one of "
+        "them\n")
+    assert server.post("/run", command="x", args="a")[0::2] == (
+        400, "field 'args' goes with 'url' or 'script'; send one of them "
+        "too\n")
+    assert server.post("/run", url=script_site + "deploy.sh",
+                       args="'open")[0::2] == (
+        400, "field 'args': \"'open\" is not a shell-quoted list of "
+        "arguments (No closing quotation)\n")
+    assert server.post("/run", url=script_site + "deploy.sh",
+                       sha256="xyz")[0::2] == (
+        400, "field 'sha256': 'xyz' is not 64 hex digits\n")
