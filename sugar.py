@@ -835,18 +835,29 @@ class _Execution:
         self.stopped = False
 
     def stop(self):
-        """End the remote command's process group, then the channel."""
+        """End the remote command's process group, then the connection.
+
+        The kill gets a few seconds: a client too busy to take it is cut
+        off all the same.
+        """
         self.stopped = True
-        pid = self._pid.pid
-        if pid:
-            try:
-                killer = self.cxn.create_session()
-                killer.exec_command("kill -TERM -- -%d 2>/dev/null || "
-                                    "kill -TERM %d" % (pid, pid))
-                killer.close()
-            except (OSError, paramiko.SSHException, EOFError):
-                pass
+        if self._pid.pid:
+            killer = threading.Thread(target=self._kill, args=(
+                self._pid.pid,), daemon=True)
+            killer.start()
+            killer.join(5)
         self.channel.close()
+        self.cxn.close()
+
+    def _kill(self, pid):
+        try:
+            session = self.cxn.create_session()
+            session.exec_command("kill -TERM -- -%d 2>/dev/null || "
+                                 "kill -TERM %d" % (pid, pid))
+            session.recv_exit_status()
+            session.close()
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
 
 
 def _parse_hostkey(line, field="hostkey"):
@@ -2388,6 +2399,7 @@ class Server:
         self.grace = grace
         self._running = {}
         self._active = set()
+        self._stopping = False
         self._hurry = threading.Event()
         self._starting = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -2526,6 +2538,8 @@ class Server:
 
     def _run_tracked(self, client, command, timeout, script):
         self._active.add(client)
+        if self._stopping:
+            client.stop()
         try:
             return _run_safely(client, command, timeout, script)
         finally:
@@ -2580,6 +2594,7 @@ class Server:
                 job.done.wait(left)
         if self._running:
             logger.warning("stopping %d running jobs", len(self._running))
+        self._stopping = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         for client in list(self._active):
             client.stop()
