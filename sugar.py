@@ -43,6 +43,7 @@ import binascii
 import codecs
 import collections.abc
 import concurrent.futures
+import contextlib
 import copy
 import datetime
 import dbm
@@ -98,6 +99,11 @@ DEFAULT_GRACE = 30.0
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 5
 DEFAULT_MAX_SCRIPT = 1024 * 1024
+DEFAULT_IDLE_CLOSE = 300.0
+KEEPALIVE = 15
+# Runs over connections already open cost little CPU: this many may go at
+# once, or WORKERS if that is more.
+WARM_WIDTH = 32
 DOWNLOAD_TIMEOUT = 30
 # A session holds its socket, paramiko's two-descriptor wake-up pipe, the
 # log and up to two spool files; the server's own files, HTTP connections
@@ -967,6 +973,134 @@ def _download(url, limit, timeout):
     return content
 
 
+class _StaleConnection(Exception):
+    """A kept connection turned out dead before anything ran on it."""
+
+
+class _Kept:
+    """A connection in the pool, and how many runs are using it."""
+
+    def __init__(self, client_id, cxn, key):
+        self.client_id = client_id
+        self.cxn = cxn
+        self.key = key
+        self.users = 1
+        self.last_used = time.monotonic()
+        self.retired = False
+
+
+class _Pool:
+    """SSH connections kept open between runs, one per client id.
+
+    A run takes the client's connection when it is alive and goes to the
+    same address, user and key (and the host key pinned since, if any);
+    runs at the same time share it, each on a channel of its own.
+    Keepalives find dead connections.  A connection idle for *idle_close*
+    seconds is closed, and past *most* connections the least recently
+    used idle one is.
+    """
+
+    def __init__(self, idle_close, most):
+        self.idle_close = idle_close
+        self.most = most
+        self._kept = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, daemon=True,
+                                        name="sugar-pool")
+        self._reaper.start()
+
+    def take(self, client):
+        """The kept `_Kept` for *client*, now in use, or None."""
+        with self._lock:
+            kept = self._kept.get(client.id)
+            if kept is None:
+                return None
+            if kept.key == client.pool_key and kept.cxn.is_connected and \
+                    _same_hostkey(kept.cxn, client.hostkey):
+                kept.users += 1
+                kept.last_used = time.monotonic()
+                return kept
+            self._retire(kept)
+        return None
+
+    def keep(self, client, cxn):
+        """Put the new connection *cxn* of *client* in the pool, in use."""
+        kept = _Kept(client.id, cxn, client.pool_key)
+        cxn.transport.set_keepalive(KEEPALIVE)
+        with self._lock:
+            if client.id in self._kept:
+                self._retire(self._kept[client.id])
+            self._kept[client.id] = kept
+            idle = sorted((k for k in self._kept.values() if not k.users),
+                          key=lambda k: k.last_used)
+            for extra in idle[:max(0, len(self._kept) - self.most)]:
+                self._retire(extra)
+        return kept
+
+    def give_back(self, kept, broken=False):
+        """A run is done with *kept*; *broken* drops the connection."""
+        with self._lock:
+            kept.users -= 1
+            kept.last_used = time.monotonic()
+            if broken:
+                self._retire(kept)
+            elif kept.retired and not kept.users:
+                kept.cxn.close()
+
+    def drop(self, client_id):
+        """Close *client_id*'s connection (once no run uses it)."""
+        with self._lock:
+            kept = self._kept.get(client_id)
+            if kept is not None:
+                self._retire(kept)
+
+    def _retire(self, kept):
+        if self._kept.get(kept.client_id) is kept:
+            del self._kept[kept.client_id]
+        kept.retired = True
+        if not kept.users:
+            kept.cxn.close()
+
+    def size(self):
+        """How many connections are kept."""
+        return len(self._kept)
+
+    def _reap(self):
+        while not self._closing.wait(min(self.idle_close / 2, 5)):
+            now = time.monotonic()
+            with self._lock:
+                for kept in list(self._kept.values()):
+                    if not kept.users and \
+                            now - kept.last_used >= self.idle_close:
+                        self._retire(kept)
+
+    def close(self):
+        self._closing.set()
+        with self._lock:
+            for kept in list(self._kept.values()):
+                kept.users = 0
+                self._retire(kept)
+
+
+def _same_hostkey(cxn, hostkey):
+    """False if *hostkey* is pinned and *cxn*'s server has another."""
+    if not hostkey:
+        return True
+    offered = cxn.transport.get_remote_server_key()
+    return "%s %s" % (offered.get_name(), offered.get_base64()) == hostkey
+
+
+def _open_channel(opener):
+    """What *opener* opens on a connection; _StaleConnection if it fails,
+    as nothing has run yet.
+    """
+    try:
+        return opener()
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        raise _StaleConnection(str(exc) or type(exc).__name__) from None
+
+
 class Client:
     """One machine reached over SSH.
 
@@ -987,7 +1121,8 @@ class Client:
                  command_timeout=DEFAULT_COMMAND_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, ssh_key=None,
                  hostkey=None, on_new_hostkey=None,
-                 log_rotation=(DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_BACKUPS)):
+                 log_rotation=(DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_BACKUPS),
+                 pool=None, handshakes=None):
         self.host, self.port = _parse_address(address)
         self.address = _format_address(self.host, self.port)
         self.username = _check_username(username)
@@ -1002,6 +1137,9 @@ class Client:
         self._on_new_hostkey = on_new_hostkey
         self._execution = None
         self._stopping = False
+        self._pool = pool
+        self._handshakes = handshakes or contextlib.nullcontext()
+        self.pool_key = (self.host, self.port, self.username, ssh_key)
 
     @classmethod
     def from_entry(cls, entry, **options):
@@ -1085,35 +1223,68 @@ class Client:
         return result
 
     def _run(self, command, timeout, result, entry, script):
-        cxn = self._connection()
-        try:
-            if self._stopping:
-                result.status = "interrupted"
-                result.error = "not started: the server is stopping"
+        """Run over the kept connection, else over a new one (at most
+        *handshakes* of those at once, each held until its run ends).
+        """
+        if self._stopping:
+            result.status = "interrupted"
+            result.error = "not started: the server is stopping"
+            return
+        kept = self._pool and self._pool.take(self)
+        if kept is not None:
+            try:
+                self._work(kept.cxn, command, timeout, result, entry, script)
+            except _StaleConnection:
+                self._pool.give_back(kept, broken=True)
+            else:
+                self._pool.give_back(kept, broken=result.status == "error")
                 return
+        with self._handshakes:
+            cxn = self._connection()
             try:
                 cxn.open()
             except (OSError, paramiko.SSHException, EOFError) as exc:
                 transport = cxn.client.get_transport()
                 spoke = bool(transport and transport.remote_version)
+                # Fabric closes only connections that opened.
+                cxn.client.close()
                 result.status, result.error = _describe_connect_error(
                     exc, self, self.connect_timeout, spoke)
                 return
+            kept = self._pool and self._pool.keep(self, cxn)
+            try:
+                self._work(cxn, command, timeout, result, entry, script)
+            except _StaleConnection as exc:
+                result.status = "error"
+                result.error = "connection to %s lost: %s" % (
+                    self.address, exc)
+            finally:
+                if kept:
+                    self._pool.give_back(kept, broken=result.status in (
+                        "error", "interrupted"))
+                else:
+                    cxn.close()
+
+    def _work(self, cxn, command, timeout, result, entry, script):
+        """Run on the open *cxn*; a connection lost is the result's error,
+        except before anything ran: that raises _StaleConnection.
+        """
+        try:
             if script is None:
                 self._execute(cxn, command, timeout, result, entry)
             else:
                 self._execute_script(cxn, script, timeout, result, entry)
+        except _StaleConnection:
+            raise
         except (OSError, paramiko.SSHException, EOFError) as exc:
             result.status = "error"
             result.error = "connection to %s lost: %s" % (self.address, exc)
-        finally:
-            cxn.close()
 
     def _execute(self, cxn, command, timeout, result, entry):
         out = _Stream(entry.stdout, self.max_output)
         err = _Stream(entry.stderr, self.max_output)
         pid = _Pid(err)
-        channel = cxn.create_session()
+        channel = _open_channel(cxn.create_session)
         execution = self._execution = _Execution(cxn, channel, pid)
         try:
             if self._stopping:
@@ -1143,7 +1314,7 @@ class Client:
         """Copy *script* over SFTP to a new private file, run it, and
         remove it, whatever happened.
         """
-        sftp = cxn.sftp()
+        sftp = _open_channel(cxn.client.open_sftp)
         path = "/tmp/sugar-%s" % secrets.token_hex(16)
         try:
             try:
@@ -1736,6 +1907,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._keep_pin(sugar.registry.get(client_id), hostkey, admin)
         entry, previous = sugar.registry.register(
             client_id, host, port, username, hostkey)
+        if previous and (previous["host"], previous["port"],
+                         previous["username"], previous.get("hostkey")) != (
+                host, port, username, entry["hostkey"]):
+            sugar.forget(client_id)
         address = _format_address(host, port)
         document = {"result": "added" if previous is None else "updated",
                     "id": client_id, "address": address,
@@ -2001,6 +2176,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_delete_client(self, client_id):
         entry = self.server.sugar.registry.remove(client_id.lower())
+        self.server.sugar.forget(client_id.lower())
         if entry is None:
             raise _HTTPProblem(404, "no client %r; GET /clients lists them"
                                % client_id[:200])
@@ -2368,8 +2544,10 @@ class Server:
                  request_timeout=DEFAULT_REQUEST_TIMEOUT,
                  grace=DEFAULT_GRACE, log_max_bytes=DEFAULT_LOG_MAX_BYTES,
                  log_backups=DEFAULT_LOG_BACKUPS,
-                 max_script=DEFAULT_MAX_SCRIPT, require_sha256=False):
+                 max_script=DEFAULT_MAX_SCRIPT, require_sha256=False,
+                 pool=True, idle_close=DEFAULT_IDLE_CLOSE):
         self.workers = _fit_workers(workers)
+        self.width = max(self.workers, min(WARM_WIDTH, _room_for_sessions()))
         self.max_script = max_script
         self.require_sha256 = require_sha256
         self.log_dir = log_dir
@@ -2390,7 +2568,11 @@ class Server:
                 os.path.dirname(os.path.abspath(registry)), TOKEN_FILE)
             token = _load_token(self.token_file)
         self.token = token
+        self.pool = None if not pool else _Pool(idle_close, max(
+            self.workers, _room_for_connections(self.width)))
         self._client_options = {
+            "pool": self.pool,
+            "handshakes": threading.BoundedSemaphore(self.workers),
             "log_dir": log_dir, "connect_timeout": connect_timeout,
             "command_timeout": command_timeout, "max_output": max_output,
             "ssh_key": ssh_key, "on_new_hostkey": self._pin,
@@ -2403,7 +2585,7 @@ class Server:
         self._hurry = threading.Event()
         self._starting = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.workers, thread_name_prefix="sugar-ssh")
+            self.width, thread_name_prefix="sugar-ssh")
         try:
             self._http = _HTTPServer(host, port, self, _tls_context(
                 tls_cert, tls_key) if tls_cert else None)
@@ -2545,6 +2727,11 @@ class Server:
         finally:
             self._active.discard(client)
 
+    def forget(self, client_id):
+        """Close the kept connection of *client_id*, whose entry changed."""
+        if self.pool:
+            self.pool.drop(client_id)
+
     def _pin(self, client, hostkey):
         self.registry.pin(client.id, hostkey)
 
@@ -2601,18 +2788,34 @@ class Server:
         for job in list(self._running.values()):
             job.done.wait(10)
         self._pool.shutdown(wait=True)
+        if self.pool:
+            self.pool.close()
         self.registry.close()
         self.jobs.close()
+
+
+def _file_limit():
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 10 ** 6 if limit == resource.RLIM_INFINITY else limit
+
+
+def _room_for_sessions():
+    """How many SSH sessions the open-file limit allows at once."""
+    return max(1, (_file_limit() - FILES_BESIDES_SESSIONS)
+               // FILES_PER_SESSION)
+
+
+def _room_for_connections(sessions):
+    """How many idle connections fit beside *sessions* running ones."""
+    return _file_limit() - FILES_BESIDES_SESSIONS - \
+        sessions * FILES_PER_SESSION
 
 
 def _fit_workers(workers):
     """*workers*, lowered (with a warning) to what the open-file limit
     allows: each SSH session holds a few descriptors at once.
     """
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if limit == resource.RLIM_INFINITY:
-        return workers
-    fitting = max(1, (limit - FILES_BESIDES_SESSIONS) // FILES_PER_SESSION)
+    limit, fitting = _file_limit(), _room_for_sessions()
     if workers > fitting:
         logger.warning(
             "WORKERS=%d needs about %d open files but the limit is %d; "
@@ -2715,6 +2918,9 @@ def settings_from_environ(environ):
                               int, 1, 64 * 1024 ** 2, " bytes"),
         "require_sha256": _number(environ, "REQUIRE_SHA256", 0, int, 0,
                                   1) == 1,
+        "pool": _number(environ, "POOL", 1, int, 0, 1) == 1,
+        "idle_close": _number(environ, "IDLE_CLOSE", DEFAULT_IDLE_CLOSE,
+                              float, 0.1, 86400, " seconds"),
     }
     _check_tls(settings["tls_cert"], settings["tls_key"])
     if settings["host"]:

@@ -94,9 +94,31 @@ class Sshd:
         raise RuntimeError("sshd on %s did not start" % self.address)
 
     def stop(self):
+        """Stop the listener and every session, as a machine going down."""
         if self.process and self.process.poll() is None:
+            self.kill_sessions()
             self.process.terminate()
             self.process.wait(10)
+
+    def sessions(self):
+        """Pids of the per-connection sshd processes of this listener."""
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/stat" % pid) as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == self.process.pid:
+                pids.append(int(pid))
+        return pids
+
+    def kill_sessions(self):
+        for pid in self.sessions():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def public_host_key(self):
         with open(self.host_key + ".pub") as public:
@@ -2052,8 +2074,9 @@ def open_descriptors(pid, settled_at=None):
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("pool", ["0", "1"])
 def test_more_clients_than_open_files_allow_still_all_run(
-        tmp_path, user_key):
+        tmp_path, user_key, pool):
     hosts = []
     try:
         for number in range(150):
@@ -2063,7 +2086,8 @@ def test_more_clients_than_open_files_allow_still_all_run(
         port = free_port()
         environ = dict(os.environ, PYTHONUNBUFFERED="1", TOKEN=TOKEN,
                        PORT=str(port), HOST="127.0.0.1", WORKERS="20",
-                       SSH_KEY=user_key, LOGGING="WARNING")
+                       SSH_KEY=user_key, LOGGING="WARNING", POOL=pool,
+                       IDLE_CLOSE="1")
         process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "sugar_server")],
             cwd=str(tmp_path), env=environ, stdout=subprocess.PIPE,
@@ -2083,6 +2107,7 @@ def test_more_clients_than_open_files_allow_still_all_run(
                     port, "/run", {"command": "true"},
                     {"Accept": "application/json"}, timeout=300)[1])
                 totals.append(document["totals"])
+                # Kept connections are closed once idle for IDLE_CLOSE.
                 counts.append(open_descriptors(process.pid, start))
         finally:
             process.terminate()
@@ -2292,3 +2317,115 @@ def test_script_fields_that_do_not_fit_are_refused(server, make_sshd,
     assert server.post("/run", url=script_site + "deploy.sh",
                        sha256="xyz")[0::2] == (
         400, "field 'sha256': 'xyz' is not 64 hex digits\n")
+
+
+# ---------------------------------------------------------------------------
+# Kept connections
+# ---------------------------------------------------------------------------
+
+def source_port(document):
+    return [c["stdout"].split()[1] for c in document["clients"]]
+
+
+def test_a_warm_run_reuses_the_connection(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    first = server.run_json("echo $SSH_CONNECTION")
+    second = server.run_json("echo $SSH_CONNECTION")
+
+    assert source_port(first) == source_port(second)
+    assert len(sshd.sessions()) == 1
+    assert server.server.pool.size() == 1
+
+
+def test_a_connection_lost_between_runs_is_replaced_and_runs_once(
+        server, make_sshd, tmp_path):
+    sshd = make_sshd()
+    server.register(sshd)
+    ran = tmp_path / "ran"
+    first = server.run_json("echo $SSH_CONNECTION; echo 1 >> %s" % ran)
+
+    sshd.stop()
+    sshd.start()
+    second = server.run_json("echo $SSH_CONNECTION; echo 2 >> %s" % ran)
+
+    assert [c["status"] for c in second["clients"]] == ["ok"]
+    assert source_port(first) != source_port(second)
+    assert ran.read_text() == "1\n2\n"
+
+
+def test_idle_connections_are_closed(tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "idle"), user_key, idle_close=0.5)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        running.run_json("true")
+        deadline = time.monotonic() + 10
+        while sshd.sessions() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        size = running.server.pool.size()
+    finally:
+        running.stop()
+
+    assert sshd.sessions() == []
+    assert size == 0
+
+
+def test_pool_off_opens_a_connection_per_run(tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "nopool"), user_key, pool=False)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        first = running.run_json("echo $SSH_CONNECTION")
+        second = running.run_json("echo $SSH_CONNECTION")
+        deadline = time.monotonic() + 5
+        while sshd.sessions() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        running.stop()
+
+    assert source_port(first) != source_port(second)
+    assert sshd.sessions() == []
+
+
+def test_a_changed_address_or_a_deleted_client_drops_its_connection(
+        server, make_sshd):
+    first, second = make_sshd(), make_sshd()
+    server.register(first, client_id="moving")
+    server.run_json("true")
+    assert len(first.sessions()) == 1
+
+    server.register(second, client_id="moving",
+                    hostkey=second.public_host_key())
+    deadline = time.monotonic() + 5
+    while first.sessions() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    moved = first.sessions()
+    server.run_json("true")
+    server.request("DELETE", "/clients/moving")
+    deadline = time.monotonic() + 5
+    while second.sessions() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert moved == []
+    assert second.sessions() == []
+    assert server.server.pool.size() == 0
+
+
+def test_runs_at_the_same_time_share_the_kept_connection(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    server.run_json("true")
+    answers = []
+
+    def run():
+        answers.append(server.run_json("sleep 1; echo $SSH_CONNECTION"))
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len({source_port(a)[0] for a in answers}) == 1
+    assert len(sshd.sessions()) == 1
