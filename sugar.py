@@ -453,8 +453,8 @@ def _parse_target(target):
 
 
 def _matches(entry, patterns):
-    names = (entry["id"], entry["host"], _address_of(entry))
-    return any(fnmatch.fnmatchcase(name, pattern)
+    names = (entry["id"], entry["host"].lower(), _address_of(entry).lower())
+    return any(fnmatch.fnmatchcase(name, pattern.lower())
                for pattern in patterns for name in names)
 
 
@@ -463,14 +463,15 @@ def _select(entries, target):
 
     No target picks every entry.  Raises _BadField for an empty pattern.
     """
-    if not target:
+    if target is None:
         return entries, []
     include, exclude = _parse_target(target)
     chosen = [e for e in entries
               if (not include or _matches(e, include))
               and not _matches(e, exclude)]
+    wanted = {pattern.lower() for pattern in include}
     named = [e["id"] for e in chosen
-             if {e["id"], e["host"], _address_of(e)} & set(include)]
+             if {e["id"], e["host"].lower(), _address_of(e).lower()} & wanted]
     return chosen, named
 
 
@@ -537,6 +538,7 @@ class _Sink:
     def write(self, text):
         if text:
             self.file.write(text)
+            self.file.flush()
             self.ends_line = text.endswith("\n")
 
     def end_line(self):
@@ -804,7 +806,8 @@ def _limited(command, timeout):
     quoted = shlex.quote(command)
     return (
         "echo $$ >&2; if command -v timeout >/dev/null 2>&1; then "
-        "exec timeout -k 2 %g \"$SHELL\" -c %s; else exec \"$SHELL\" -c %s; "
+        "exec timeout -k 2 %g \"$SHELL\" -c -- %s; else exec \"$SHELL\" -c -- "
+        "%s; "
         "fi" % (timeout, quoted, quoted))
 
 
@@ -825,7 +828,8 @@ class _Pid:
         self._head += data
         line, newline, rest = self._head.partition(b"\n")
         if newline:
-            self.pid = int(line) if line.isdigit() else 0
+            self.pid = int(line) if re.fullmatch(rb"[0-9]{1,9}", line) \
+                else 0
             self._head = b""
             if rest:
                 self._stream.feed(rest)
@@ -1176,8 +1180,13 @@ class Client:
         # Fabric's own policy accepts any host key; ours checks it.
         cxn.client.set_missing_host_key_policy(
             _TrustOnFirstUse(self._learn_hostkey))
-        cxn.client.load_system_host_keys()
-        if self.hostkey:
+        if not self.hostkey:
+            try:
+                cxn.client.load_system_host_keys()
+            except (paramiko.SSHException, ValueError, binascii.Error) as exc:
+                logger.warning("%s: ~/.ssh/known_hosts is skipped, as it "
+                               "cannot be read: %s", self.address, exc)
+        else:
             name = self.host if self.port == 22 else "[%s]:%d" % (
                 self.host, self.port)
             key = _hostkey_object(self.hostkey)
@@ -1412,9 +1421,14 @@ class _JobStore:
             self._shelf.sync()
 
     def _prune(self, below):
+        """Drop the records below id *below*, up to one still running."""
         oldest = self._shelf.get("oldest", 1)
         for job_id in range(oldest, below):
-            record = self._shelf.pop(str(job_id), None)
+            record = self._shelf.get(str(job_id))
+            if record and record["state"] == "running":
+                below = job_id
+                break
+            self._shelf.pop(str(job_id), None)
             if record and record.get("key"):
                 self._shelf.pop("key:" + record["key"], None)
         self._shelf["oldest"] = max(oldest, below)
@@ -1700,7 +1714,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if self.command == "HEAD" and "GET" in methods:
                 methods = dict(methods, HEAD=methods["GET"])
             if self.command not in methods:
-                allowed = ", ".join(sorted(methods))
+                allowed = ", ".join(sorted(set(methods) | (
+                    {"HEAD"} if "GET" in methods else set())))
                 raise _HTTPProblem(405, "%s is not allowed on %s; use %s"
                                    % (self.command, path[:200], allowed),
                                    {"Allow": allowed})
@@ -1874,6 +1889,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return form
 
     def do_pubkey(self):
+        self._read_query(())
         line = self.server.sugar.public_key()
         if line is None:
             raise _HTTPProblem(404, "the server has no public SSH key to "
@@ -1978,7 +1994,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             command = _command(form)
         try:
             job = self.server.sugar.start_job(
-                command, timeout=timeout, target=form.get("target") or None,
+                command, timeout=timeout, target=form.get("target"),
                 ids=ids, include_stale=_flag(form, "stale"),
                 requester=self.client_address[0], key=key,
                 fingerprint=_fingerprint(form), script=script,
@@ -2010,11 +2026,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(400, "field 'only': %r is not allowed; send "
                                "failed or all" % only[:40])
         earlier = self._job(form["rerun"], "rerun")
-        ids = [c["id"] for c in earlier.record["clients"]
-               if only == "all" or c["status"] != "ok"]
+        record = earlier.snapshot()
+        targets = record.get("targets") or [c["id"] for c in
+                                            record["clients"]]
+        done_ok = {c["id"] for c in record["clients"] if c["status"] == "ok"}
+        ids = [i for i in targets if only == "all" or i not in done_ok]
         if not ids:
-            raise _HTTPProblem(404, "job %d has no client that did not end "
-                               "ok; nothing ran" % earlier.id)
+            raise _HTTPProblem(404, "job %d has no client%s; nothing ran"
+                               % (earlier.id, "" if only == "all" else
+                                  " that did not end ok"))
         script = earlier.record.get("script")
         return earlier.record["command"], ids, (
             timeout or earlier.record["timeout"]), (
@@ -2068,7 +2088,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _job(self, text, field=None):
         """The job whose id is *text*; 404 (or 400 for a field) if none."""
-        job = self.server.sugar.job(int(text)) if text.isdigit() else None
+        job = self.server.sugar.job(int(text)) if re.fullmatch(
+            r"[0-9]{1,18}", text) else None
         if job is None:
             where = "field %r: " % field if field else ""
             raise _HTTPProblem(400 if field else 404, "%sno job %r; GET "
@@ -2080,8 +2101,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply_json(202, {"job": job.id, "url": "/jobs/%d" % job.id,
                                    "state": job.record["state"]}, headers)
         else:
-            self._reply(202, "job %d started on %d clients; see GET /jobs/%d"
-                        % (job.id, len(job.futures), job.id), headers)
+            self._reply(202, "job %d started on %d client%s; see GET /jobs/%d"
+                        % (job.id, len(job.futures),
+                           "s"[len(job.futures) == 1:], job.id), headers)
 
     def _reply_results(self, job, headers):
         results = job.results()
@@ -2189,7 +2211,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_list_jobs(self):
         query = self._read_query(("limit",))
         limit = query.get("limit", "50")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100000:
+        if not re.fullmatch(r"[0-9]{1,6}", limit) or \
+                not 1 <= int(limit) <= 100000:
             raise _HTTPProblem(400, "query 'limit': %r is not a whole number "
                                "from 1 to 100000" % limit[:40])
         sugar = self.server.sugar
@@ -2304,10 +2327,8 @@ def _seconds(form, name, most):
     """The optional number of seconds in *form*, or None when absent."""
     if name not in form:
         return None
-    try:
-        value = float(form[name])
-    except ValueError:
-        value = -1.0
+    value = float(form[name]) if re.fullmatch(
+        r"[0-9]{1,9}(\.[0-9]{1,9})?", form[name]) else -1.0
     if not 0.1 <= value <= most:
         raise _HTTPProblem(400, "field %r: %r is not a number of seconds "
                            "from 0.1 to %d" % (name, form[name][:40], most))
@@ -2432,8 +2453,10 @@ GET  /clients/<id>  DELETE /clients/<id>
 GET  /jobs          [?limit=<n>]
 GET  /jobs/<id>
 
+GET  /pubkey
+
   curl -d "address=client.fqdn&id=$(</etc/machine-id)" SERVER/register
-  curl -d "command=whoami" SERVER/run
+  curl -u ":$TOKEN" -d "command=whoami" SERVER/run
 """
 
 
@@ -2562,12 +2585,6 @@ class Server:
         except BaseException:
             self.registry.close()
             raise
-        self.token_file = None
-        if token is None:
-            self.token_file = os.path.join(
-                os.path.dirname(os.path.abspath(registry)), TOKEN_FILE)
-            token = _load_token(self.token_file)
-        self.token = token
         self.pool = None if not pool else _Pool(idle_close, max(
             self.workers, _room_for_connections(self.width)))
         self._client_options = {
@@ -2594,6 +2611,15 @@ class Server:
             self.registry.close()
             self.jobs.close()
             raise
+        self.token_file = None
+        if token is None:
+            self.token_file = os.path.join(
+                os.path.dirname(os.path.abspath(registry)), TOKEN_FILE)
+            token = _load_token(self.token_file)
+        self.token = token
+        if self.public_key() is None:
+            logger.warning("no SSH key to log in with: set SSH_KEY, or "
+                           "create one with ssh-keygen -t ed25519")
 
     @property
     def address(self):
@@ -2646,6 +2672,7 @@ class Server:
             self.jobs.save(record)
             logger.info("job %d: %s (authorised) runs %r on %d clients",
                         job.id, requester, command, len(entries))
+            record["targets"] = [entry["id"] for entry, _ in entries]
             job.start([self._submit(entry, stale, record, script)
                         for entry, stale in entries])
         return job
@@ -2775,10 +2802,9 @@ class Server:
         self._http.server_close()
         deadline = time.monotonic() + (self.grace if grace is None
                                        else grace)
-        for job in list(self._running.values()):
-            left = deadline - time.monotonic()
-            if left > 0 and not self._hurry.is_set():
-                job.done.wait(left)
+        while self._running and not self._hurry.is_set() and \
+                time.monotonic() < deadline:
+            self._hurry.wait(0.1)
         if self._running:
             logger.warning("stopping %d running jobs", len(self._running))
         self._stopping = True
@@ -2933,6 +2959,14 @@ def settings_from_environ(environ):
     _check_log_dir(settings["log_dir"])
     _check_registry(settings["registry"], "REGISTRY")
     _check_registry(settings["jobs"], "JOBS")
+    if os.path.abspath(settings["registry"]) == os.path.abspath(
+            settings["jobs"]):
+        raise SettingError("REGISTRY and JOBS name the same file %r; give "
+                           "each its own" % settings["jobs"])
+    if settings["token"] is not None and not re.fullmatch(
+            r"[!-~]{16,256}", settings["token"]):
+        raise SettingError("TOKEN is not allowed; use 16 to 256 visible "
+                           "ASCII characters (its value is not shown)")
     if settings["ssh_key"]:
         _check_ssh_key(settings["ssh_key"])
     return settings
@@ -2944,7 +2978,7 @@ def _check_ssh_key(path):
                            "file this user can read" % path)
     try:
         paramiko.PKey.from_path(path)
-    except (paramiko.SSHException, ValueError, OSError) as exc:
+    except (paramiko.SSHException, ValueError, OSError, TypeError) as exc:
         raise SettingError("SSH_KEY=%r is not a private key Sugar can use "
                            "(%s); name an unencrypted private key, such as "
                            "~/.ssh/id_ed25519" % (path, exc)) from None

@@ -1384,7 +1384,7 @@ def test_an_async_run_answers_at_once_and_is_polled_until_finished(
         time.sleep(0.1)
 
     assert (status, headers["Location"], body) == (
-        202, "/jobs/1", "job 1 started on 1 clients; see GET /jobs/1\n")
+        202, "/jobs/1", "job 1 started on 1 client; see GET /jobs/1\n")
     assert (running["state"], running["clients"]) == ("running", [])
     assert document["state"] == "finished"
     assert [(c["address"], c["stdout"]) for c in document["clients"]] == [
@@ -2100,6 +2100,7 @@ def test_more_clients_than_open_files_allow_still_all_run(
                 http_post(port, "/register", {
                     "id": client_id(sshd), "address": sshd.address,
                     "username": USER})
+            time.sleep(1)  # for the last request's connection to close
             start = open_descriptors(process.pid)
             counts, totals = [], []
             for _ in range(2):
