@@ -2430,3 +2430,88 @@ def test_runs_at_the_same_time_share_the_kept_connection(server, make_sshd):
 
     assert len({source_port(a)[0] for a in answers}) == 1
     assert len(sshd.sessions()) == 1
+
+
+def test_a_running_job_can_be_rerun_on_all_its_clients(server, fleet):
+    for sshd in fleet:
+        server.register(sshd)
+    server.post("/run", command="sleep 2; exit 1", **{"async": "1"})
+
+    status, _, body = server.post("/run", {"Accept": "application/json"},
+                                  rerun="1")
+
+    assert status == 200
+    assert sorted(c["address"] for c in json.loads(body)["clients"]) == \
+        sorted(s.address for s in fleet)
+
+
+def test_odd_numbers_and_empty_targets_are_refused(server, make_sshd):
+    server.register(make_sshd())
+
+    assert server.request("GET", "/jobs/%C2%B2")[0] == 404
+    assert server.request("GET", "/jobs/1" + "0" * 5000)[0] in (404, 414)
+    assert server.request("GET", "/jobs?limit=%C2%B2")[0] == 400
+    assert server.post("/run", command="true", timeout="1e3")[0] == 400
+    assert server.post("/run", command="true", target="")[0::2] == (
+        400, "field 'target': '' has an empty pattern; send comma-separated "
+        "globs such as web*,10.0.0.*,!web3\n")
+    assert server.log_files() == []
+
+
+@pytest.mark.parametrize("env,line", [
+    ({"REGISTRY": "same", "JOBS": "same"}, "REGISTRY and JOBS name the same "
+     "file 'same'; give each its own"),
+    ({"TOKEN": "short"}, "TOKEN is not allowed; use 16 to 256 visible "
+     "ASCII characters (its value is not shown)"),
+])
+def test_more_bad_settings_stop_the_launcher(tmp_path, env, line):
+    process = launch(tmp_path, env, wait_for_line=False)
+    out, err = process.communicate(timeout=30)
+
+    assert (process.returncode, err) == (2, "sugar: %s\n" % line)
+
+
+def test_a_second_sigterm_cuts_the_grace_short(tmp_path, make_sshd,
+                                               user_key):
+    sshd = make_sshd()
+    port = free_port()
+    process = launch(tmp_path, {"PORT": str(port), "HOST": "127.0.0.1",
+                                "SSH_KEY": user_key, "GRACE": "60"})
+    http_post(port, "/register", {"id": "a", "address": sshd.address,
+                                  "username": USER})
+    http_post(port, "/run", {"command": "sleep 300.25", "async": "1"})
+    deadline = time.monotonic() + 20
+    while not sleeping("300.25") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    clock = time.monotonic()
+
+    process.terminate()
+    time.sleep(1)
+    process.terminate()
+    process.communicate(timeout=60)
+
+    assert process.returncode == 0
+    assert time.monotonic() - clock < 30
+    deadline = time.monotonic() + 5
+    while sleeping("300.25") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleeping("300.25") == []
+
+
+def test_the_log_shows_output_while_the_command_runs(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    server.post("/run", command="echo early; sleep 3", **{"async": "1"})
+
+    deadline = time.monotonic() + 10
+    log = ""
+    while "--- stdout ---\nearly\n" not in log and \
+            time.monotonic() < deadline:
+        try:
+            log = server.read_log(sshd)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.1)
+
+    assert "--- stdout ---\nearly\n" in log
+    assert "=== end" not in log
