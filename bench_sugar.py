@@ -43,7 +43,7 @@ import urllib.parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("SUGAR_SHARED_BENCH",
                         os.path.join(HERE, "..", "shared", "bench"))
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 PEERS = "openssh-xargs,fabric-group,fabric-pool,pssh-native"
 
 
@@ -76,8 +76,10 @@ class Sugar:
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "sugar_server")],
             cwd=self.folder, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
-        self.process.stdout.readline()
+            stderr=subprocess.PIPE, text=True)
+        if not self.process.stdout.readline():
+            raise RuntimeError("sugar_server did not start: "
+                               + self.process.stderr.read())
 
     def request(self, path, fields, timeout=600):
         connection = http.client.HTTPConnection("127.0.0.1", self.port,
@@ -103,10 +105,13 @@ class Sugar:
             statuses = list(pool.map(one, enumerate(hosts)))
         assert all(s == 201 for s in statuses), statuses
 
-    def run(self, command):
+    def run(self, command, target=None):
         """Seconds for one /run, checking every host ended ok."""
+        fields = {"command": command}
+        if target:
+            fields["target"] = target
         clock = time.perf_counter()
-        status, body = self.request("/run", {"command": command})
+        status, body = self.request("/run", fields)
         took = time.perf_counter() - clock
         totals = json.loads(body)["totals"]
         assert status == 200 and totals.get("ok") == totals["clients"], \
@@ -172,7 +177,8 @@ def time_peers(fleet_dir, workers, command, runs, out):
     path = os.path.join(out, "peers-%d-%s.json" % (workers, command[:3]))
     subprocess.run([sys.executable, os.path.join(SHARED, "peers.py"),
                     "--dir", fleet_dir, "-W", str(workers), "--runs",
-                    str(runs), "--tools", PEERS, "--json", path] +
+                    str(runs), "--tools", PEERS, "--json", path,
+                    "--run-timeout", "120"] +
                    command.split(), check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     with open(path) as result:
@@ -189,7 +195,7 @@ def handshake_costs(fleet_dir, out):
                    stderr=subprocess.DEVNULL)
     with open(path) as result:
         for row in json.load(result)["results"]:
-            if row.get("tool") == "hs-paramiko":
+            if str(row.get("tool")).startswith("paramiko"):
                 return (row["client_cpu_per_conn"] +
                         row["server_cpu_per_conn"],
                         row["exec_on_open_client_cpu"] +
@@ -215,16 +221,18 @@ class Bare(http.server.BaseHTTPRequestHandler):
 
 def requests_per_second(port, path, body_file, total=5000):
     answer = subprocess.run(
-        ["ab", "-q", "-n", str(total), "-c", "50", "-p", body_file, "-T",
+        ["ab", "-q", "-r", "-n", str(total), "-c", "50", "-p", body_file, "-T",
          "application/x-www-form-urlencoded",
          "http://127.0.0.1:%d%s" % (port, path)],
-        capture_output=True, text=True, check=True).stdout
-    for line in answer.splitlines():
+        capture_output=True, text=True)
+    if answer.returncode:
+        raise RuntimeError("ab failed: " + answer.stderr[-300:])
+    for line in answer.stdout.splitlines():
         if line.startswith("Requests per second:"):
             return float(line.split()[3])
         if line.startswith("Non-2xx responses:"):
             raise RuntimeError("ab: " + line)
-    raise RuntimeError("ab printed no rate:\n" + answer)
+    raise RuntimeError("ab printed no rate:\n" + answer.stdout)
 
 
 def register_load(folder, hosts, key):
@@ -234,6 +242,7 @@ def register_load(folder, hosts, key):
     body = os.path.join(folder, "register.body")
     with open(body, "w") as file:
         file.write("id=loadclient&address=127.0.0.1")
+    http.server.ThreadingHTTPServer.request_queue_size = 1024
     bare = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bare)
     thread = threading.Thread(target=bare.serve_forever, daemon=True)
     thread.start()
@@ -248,7 +257,7 @@ def register_load(folder, hosts, key):
         loader = threading.Thread(target=lambda: done.append(
             requests_per_second(sugar.port, "/register", body, 3000)))
         loader.start()
-        run = sugar.run("true")
+        run = sugar.run("true", target="host*")
         loader.join()
         kept = sugar.clients()
     finally:
@@ -265,6 +274,8 @@ def row(name, cold, warm):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seq-runs", type=int, default=3,
+                        help="runs of `seq 1 100000` (slow for some peers)")
     parser.add_argument("--fleet", default="/tmp/sugar-bench-fleet")
     parser.add_argument("--sizes", default="200,50")
     parser.add_argument("--workers", default="8,32")
@@ -272,8 +283,9 @@ def main():
     out = tempfile.mkdtemp(prefix="sugar-bench-out-")
     sizes = [int(n) for n in args.sizes.split(",")]
     key = os.path.join(args.fleet, "key")
-    lines = ["Measured %s on %d cores; medians of %d runs, seconds."
-             % (datetime.date.today(), os.cpu_count(), args.runs), ""]
+    lines = ["Measured %s on %d cores; medians of %d runs (%d for seq), "
+             "seconds." % (datetime.date.today(), os.cpu_count(), args.runs,
+                           args.seq_runs), ""]
     try:
         fleet("up", str(max(sizes)), "--dir", args.fleet)
         handshake, exec_cost = handshake_costs(args.fleet, out)
@@ -288,10 +300,10 @@ def main():
             if size == 50:
                 commands.append(("seq 1 100000", 8))
             for command, workers in commands:
+                runs = args.runs if command == "true" else args.seq_runs
                 cold, warm, memory = time_sugar(
-                    args.fleet, hosts, workers, command, args.runs, key)
-                peers = time_peers(args.fleet, workers, command, args.runs,
-                                   out)
+                    args.fleet, hosts, workers, command, runs, key)
+                peers = time_peers(args.fleet, workers, command, runs, out)
                 cores = os.cpu_count()
                 lines += ["", "N=%d WORKERS=%d `%s`" % (size, workers,
                                                         command), "",
