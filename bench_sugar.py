@@ -278,6 +278,8 @@ def main():
                         help="runs of `seq 1 100000` (slow for some peers)")
     parser.add_argument("--fleet", default="/tmp/sugar-bench-fleet")
     parser.add_argument("--sizes", default="200,50")
+    parser.add_argument("--load-only", action="store_true",
+                        help="measure only /register and a run beside it")
     parser.add_argument("--workers", default="8,32")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="sugar-bench-out-")
@@ -289,6 +291,8 @@ def main():
     try:
         fleet("up", str(max(sizes)), "--dir", args.fleet)
         handshake, exec_cost = handshake_costs(args.fleet, out)
+        if args.load_only:
+            sizes = []
         lines.append("CPU per new connection %.1f ms, per command on an "
                      "open one %.1f ms (paramiko client + sshd)."
                      % (handshake * 1000, exec_cost * 1000))
@@ -326,6 +330,7 @@ def main():
                 lines.append("server memory per kept connection: %.0f KiB"
                              % (memory / 1024))
                 print("\n".join(lines[-12:]), flush=True)
+        fleet("up", str(max(sizes or [200])), "--dir", args.fleet)
         load = register_load(args.fleet, fleet_hosts(args.fleet), key)
         if load:
             sugar_rate, bare_rate, run, count, during = load

@@ -101,6 +101,7 @@ DEFAULT_LOG_BACKUPS = 5
 DEFAULT_MAX_SCRIPT = 1024 * 1024
 DEFAULT_IDLE_CLOSE = 300.0
 KEEPALIVE = 15
+READER_WAKEUP = 1.0
 # Runs over connections already open cost little CPU: this many may go at
 # once, or WORKERS if that is more.
 WARM_WIDTH = 32
@@ -1032,6 +1033,10 @@ class _Pool:
         """Put the new connection *cxn* of *client* in the pool, in use."""
         kept = _Kept(client.id, cxn, client.pool_key)
         cxn.transport.set_keepalive(KEEPALIVE)
+        # paramiko's reader thread wakes every 0.1 s to check its state:
+        # with hundreds of kept connections, thousands of wake-ups a
+        # second.  Once connected, waking each second is enough.
+        cxn.transport.sock.settimeout(READER_WAKEUP)
         with self._lock:
             if client.id in self._kept:
                 self._retire(self._kept[client.id])
