@@ -1642,6 +1642,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def address_string(self):
+        """The requester's address, IPv4 ones without an IPv6 prefix."""
+        return _requester_host(self.client_address[0])
+
     def log_message(self, format, *args):
         logger.info("%s %s", self.address_string(),
                     (format % args).translate(_CONTROL_ESCAPES))
@@ -2001,7 +2005,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             job = self.server.sugar.start_job(
                 command, timeout=timeout, target=form.get("target"),
                 ids=ids, include_stale=_flag(form, "stale"),
-                requester=self.client_address[0], key=key,
+                requester=self.address_string(), key=key,
                 fingerprint=_fingerprint(form), script=script,
                 rerun=int(form["rerun"]) if ids is not None else None)
         except _BadField as exc:
