@@ -23,7 +23,8 @@ Limits, in plain words (the README says more):
 - The registry and the job store are shelves over SQLite: entries are
   copies, so an entry changed in memory must be stored again to be kept,
   and one lock per store serialises every access.
-- Every run opens a new SSH connection to each client.
+- SSH connections are kept open between runs (see `_Pool`); paramiko
+  does the SSH in Python, which bounds how fast a warm run can be.
 - Time limits and stopping rely on coreutils' `timeout` on the client; a
   process that leaves its process group is not stopped.
 - The host key first seen is trusted when none is pinned or known.
@@ -963,19 +964,40 @@ def _download(url, limit, timeout):
                     urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
+    deadline = time.monotonic() + timeout
     try:
         with opener.open(url, timeout=timeout) as response:
-            content = response.read(limit + 1)
+            content = _read_all(response, limit, deadline)
     except urllib.error.HTTPError as exc:
         raise ValueError("HTTP %d %s" % (exc.code, exc.reason)) from None
     except urllib.error.URLError as exc:
         raise ValueError(str(exc.reason)) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
-    if len(content) > limit:
-        raise ValueError("the script is over the limit of %d bytes "
-                         "(MAX_SCRIPT)" % limit)
     return content
+
+
+def _read_all(response, limit, deadline):
+    """The body of *response*: whole, within *limit* bytes and by
+    *deadline* (a `time.monotonic` value), else ValueError.
+    """
+    parts, size = [], 0
+    while True:
+        part = response.read1(65536)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise ValueError("the script is over the limit of %d bytes "
+                             "(MAX_SCRIPT)" % limit)
+        if time.monotonic() > deadline:
+            raise ValueError("the download took more than %d s"
+                             % DOWNLOAD_TIMEOUT)
+    if response.length:
+        raise ValueError("the download ended %d bytes short of its "
+                         "Content-Length" % response.length)
+    return b"".join(parts)
 
 
 class _StaleConnection(Exception):
@@ -1298,7 +1320,8 @@ class Client:
         out = _Stream(entry.stdout, self.max_output)
         err = _Stream(entry.stderr, self.max_output)
         pid = _Pid(err)
-        channel = _open_channel(cxn.create_session)
+        channel = _open_channel(lambda: cxn.transport.open_session(
+            timeout=self.connect_timeout))
         execution = self._execution = _Execution(cxn, channel, pid)
         try:
             if self._stopping:
@@ -1328,7 +1351,12 @@ class Client:
         """Copy *script* over SFTP to a new private file, run it, and
         remove it, whatever happened.
         """
-        sftp = _open_channel(cxn.client.open_sftp)
+        sftp = self._open_sftp(cxn)
+        if sftp is None:
+            result.status = "error"
+            result.error = ("sshd refused SFTP, which scripts are copied "
+                            "with; enable its sftp subsystem")
+            return
         path = "/tmp/sugar-%s" % secrets.token_hex(16)
         try:
             try:
@@ -1349,6 +1377,24 @@ class Client:
                 logger.warning("%s: could not remove the script %s",
                                self.address, path)
             sftp.close()
+
+    def _open_sftp(self, cxn):
+        """An SFTP client on *cxn*, or None when sshd refuses SFTP.
+
+        Raises _StaleConnection when the connection itself is dead.
+        """
+        try:
+            channel = cxn.transport.open_session(timeout=self.connect_timeout)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise _StaleConnection(str(exc) or type(exc).__name__) from None
+        try:
+            channel.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(channel)
+        except (OSError, paramiko.SSHException, EOFError):
+            channel.close()
+            if not cxn.is_connected:
+                raise _StaleConnection("connection closed") from None
+            return None
 
     def stop(self):
         """Stop the command running here now, if any (from any thread).
@@ -1660,6 +1706,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     {"Connection": "close"})
 
     def _reply(self, status, text, headers=None, content_type=None):
+        if status >= 400:
+            text = " ".join(text.split())
         body = text.encode("utf-8")
         if content_type is None and status >= 400 and self._wants_json():
             body = json.dumps({"error": text.rstrip("\n")}).encode() + b"\n"
@@ -2074,14 +2122,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise _HTTPProblem(400, "field 'sha256' is missing; this "
                                    "server runs scripts from URLs only with "
                                    "their digest (REQUIRE_SHA256)")
+            # Answers, logs and jobs show the URL without any password.
+            name = re.sub(r"//[^/@]*@", "//", url)
             try:
                 content = _download(url, sugar.max_script, DOWNLOAD_TIMEOUT)
             except ValueError as exc:
                 raise _HTTPProblem(502, "could not fetch %r: %s; nothing "
-                                   "ran" % (url[:200], exc)) from None
-            name = url
+                                   "ran" % (name[:200], str(exc).replace(
+                                       url, name))) from None
         else:
-            content, name = form["script"], self._upload_name or "upload"
+            # The name only labels logs and jobs: keep it one plain word.
+            content = form["script"]
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(
+                self._upload_name or "")) or "upload"
         if not content:
             raise _HTTPProblem(400, "the script from %r is empty; nothing "
                                "ran" % name[:200])

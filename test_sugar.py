@@ -2516,3 +2516,51 @@ def test_the_log_shows_output_while_the_command_runs(server, make_sshd):
 
     assert "--- stdout ---\nearly\n" in log
     assert "=== end" not in log
+
+
+def test_a_frozen_kept_connection_is_given_up_for_a_new_one(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    server.run_json("true")
+    [frozen] = sshd.sessions()
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        clock = time.monotonic()
+        [client] = json.loads(server.post(
+            "/run", {"Accept": "application/json"}, command="echo fresh",
+            timeout="3")[2])["clients"]
+        took = time.monotonic() - clock
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+
+    print("run past a frozen kept connection took %.2fs" % took)
+    assert (client["status"], client["stdout"]) == ("ok", "fresh\n")
+    assert took < 20
+
+
+def test_a_script_download_cut_short_does_not_run(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_short():
+        connection, _ = listener.accept()
+        connection.recv(4096)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+                           b"echo short\n")
+        connection.close()
+    thread = threading.Thread(target=answer_short)
+    thread.start()
+    url = "http://127.0.0.1:%d/short.sh" % listener.getsockname()[1]
+
+    status, _, body = server.post("/run", url=url)
+    thread.join()
+    listener.close()
+
+    assert (status, body) == (502, "could not fetch %r: the download ended "
+                              "989 bytes short of its Content-Length; "
+                              "nothing ran\n" % url)
+    assert server.log_files() == []
