@@ -1122,16 +1122,6 @@ def _same_hostkey(cxn, hostkey):
     return "%s %s" % (offered.get_name(), offered.get_base64()) == hostkey
 
 
-def _open_channel(opener):
-    """What *opener* opens on a connection; _StaleConnection if it fails,
-    as nothing has run yet.
-    """
-    try:
-        return opener()
-    except (OSError, paramiko.SSHException, EOFError) as exc:
-        raise _StaleConnection(str(exc) or type(exc).__name__) from None
-
-
 class Client:
     """One machine reached over SSH.
 
@@ -1320,8 +1310,7 @@ class Client:
         out = _Stream(entry.stdout, self.max_output)
         err = _Stream(entry.stderr, self.max_output)
         pid = _Pid(err)
-        channel = _open_channel(lambda: cxn.transport.open_session(
-            timeout=self.connect_timeout))
+        channel = self._open_session(cxn)
         execution = self._execution = _Execution(cxn, channel, pid)
         try:
             if self._stopping:
@@ -1378,15 +1367,21 @@ class Client:
                                self.address, path)
             sftp.close()
 
+    def _open_session(self, cxn):
+        """A new channel on *cxn*, waiting at most the connect timeout;
+        _StaleConnection if that fails, as nothing has run yet.
+        """
+        try:
+            return cxn.transport.open_session(timeout=self.connect_timeout)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise _StaleConnection(str(exc) or type(exc).__name__) from None
+
     def _open_sftp(self, cxn):
         """An SFTP client on *cxn*, or None when sshd refuses SFTP.
 
         Raises _StaleConnection when the connection itself is dead.
         """
-        try:
-            channel = cxn.transport.open_session(timeout=self.connect_timeout)
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise _StaleConnection(str(exc) or type(exc).__name__) from None
+        channel = self._open_session(cxn)
         try:
             channel.invoke_subsystem("sftp")
             return paramiko.SFTPClient(channel)
@@ -2245,8 +2240,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _client(self, client_id):
         entry = self.server.sugar.registry.get(client_id.lower())
         if entry is None:
-            raise _HTTPProblem(404, "no client %r; GET /clients lists them"
-                               % client_id[:200])
+            raise _unknown_client(client_id)
         return entry
 
     def do_show_client(self, client_id):
@@ -2262,8 +2256,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         entry = self.server.sugar.registry.remove(client_id.lower())
         self.server.sugar.forget(client_id.lower())
         if entry is None:
-            raise _HTTPProblem(404, "no client %r; GET /clients lists them"
-                               % client_id[:200])
+            raise _unknown_client(client_id)
         address = _address_of(entry)
         logger.info("%s: client %s removed", address, client_id)
         self._reply(200, "removed client %s at %s; its log stays in %s" % (
@@ -2278,8 +2271,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(400, "query 'limit': %r is not a whole number "
                                "from 1 to 100000" % limit[:40])
         sugar = self.server.sugar
-        records = [sugar.job(r["id"]).snapshot()
-                   for r in sugar.jobs.recent(int(limit))]
+        # Only a running job has results newer than its kept record.
+        records = [sugar.job(r["id"]).snapshot() if r["state"] == "running"
+                   else r for r in sugar.jobs.recent(int(limit))]
         summaries = [_job_summary(record) for record in records]
         if self._wants_json():
             self._reply_json(200, {"jobs": summaries})
@@ -2315,6 +2309,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 _RUN_FIELDS = ("command", "timeout", "stream", "target", "stale", "async",
                "rerun", "only", "url", "sha256", "args", "script")
+
+
+def _unknown_client(client_id):
+    return _HTTPProblem(404, "no client %r; GET /clients lists them"
+                        % client_id[:200])
 
 
 def _command(form):
