@@ -915,6 +915,34 @@ def test_command_timeout_setting_is_the_default_limit(
         "timeout", "ran past its 1s limit and was stopped")
 
 
+def test_a_command_that_ignores_sigterm_is_killed_at_its_limit(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    status, _, body = server.post(
+        "/run", {"Accept": "application/json"}, timeout="1",
+        command="trap '' TERM; echo started; sleep 600.75")
+
+    [client] = json.loads(body)["clients"]
+    assert (client["status"], client["stdout"]) == ("timeout", "started\n")
+    deadline = time.monotonic() + 5
+    while sleeping("600.75") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleeping("600.75") == []
+
+
+def test_the_shell_reports_a_syntax_error_as_over_plain_ssh(
+        server, make_sshd):
+    server.register(make_sshd())
+
+    [client] = server.run_json("true\necho (")["clients"]
+
+    assert (client["status"], client["exit_code"], client["stderr"]) == (
+        "failed", 2, "bash: -c: line 2: syntax error near unexpected token "
+        "`newline'\nbash: -c: line 2: `echo ('\n")
+
+
 def test_a_client_that_never_speaks_ssh_is_unreachable(
         tmp_path, user_key):
     listener = socket.socket()
