@@ -51,6 +51,7 @@ import datetime
 import dbm
 import errno
 import fnmatch
+import functools
 import hashlib
 import hmac
 import email.parser
@@ -65,11 +66,9 @@ import os
 import re
 import resource
 import secrets
-import select
 import shelve
 import shlex
 import shutil
-import signal
 import socket
 import sqlite3
 import ssl
@@ -497,11 +496,19 @@ def _log_name(address):
 
 
 def _log_path(log_dir, address):
-    folder = os.path.realpath(log_dir)
+    folder = _real_folder(os.path.abspath(log_dir))
     path = os.path.join(folder, _log_name(address))
     if os.path.dirname(path) != folder:
         raise ValueError("log file %r would leave %r" % (path, folder))
     return path
+
+
+@functools.lru_cache(maxsize=64)
+def _real_folder(log_dir):
+    """The absolute *log_dir* without symbolic links (looked up once:
+    runs on hundreds of clients would walk it hundreds of times).
+    """
+    return os.path.realpath(log_dir)
 
 
 def _open_log(path, rotation):
@@ -781,9 +788,13 @@ def _drain(channel, out, err, deadline):
     """Feed *channel*'s stdout and stderr to the streams until both end.
 
     Returns False if *deadline* (a `time.monotonic` value) came first.
+    Both of the channel's buffers set one event when data, the end or the
+    close arrives (a cheaper wake-up than the pipe `Channel.fileno` makes);
+    reading a buffer empty clears it, so both are looked at before waiting.
     """
-    poller = select.poll()
-    poller.register(channel.fileno(), select.POLLIN)
+    ready = threading.Event()
+    channel.in_buffer.set_event(ready)
+    channel.in_stderr_buffer.set_event(ready)
     while True:
         if channel.recv_ready():
             out.feed(channel.recv(READ_SIZE))
@@ -795,7 +806,23 @@ def _drain(channel, out, err, deadline):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            poller.poll(min(left, 1.0) * 1000)
+            ready.wait(min(left, 1.0))
+
+
+def _exec(channel, command):
+    """Ask sshd to run *command* on *channel*, without waiting for its
+    answer as `Channel.exec_command` does: the output, the exit status and
+    the end follow at once, so waiting would only cost a round trip and a
+    thread switch per command.  A refusal closes the channel (paramiko
+    does so on the failure message), which the reading then sees.
+    """
+    request = paramiko.Message()
+    request.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    request.add_int(channel.remote_chanid)
+    request.add_string("exec")
+    request.add_boolean(True)
+    request.add_string(command)
+    channel.transport._send_user_message(request)
 
 
 def _announced(command):
@@ -890,6 +917,7 @@ class _Execution:
             pass
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_hostkey(line, field="hostkey"):
     """The ``type base64`` of an SSH public key *line*, else _BadField."""
     parts = line.split()
@@ -1029,6 +1057,8 @@ class _Kept:
         self.client_id = client_id
         self.cxn = cxn
         self.key = key
+        offered = cxn.transport.get_remote_server_key()
+        self.hostkey = "%s %s" % (offered.get_name(), offered.get_base64())
         self.users = 1
         self.last_used = time.monotonic()
         self.retired = False
@@ -1062,7 +1092,7 @@ class _Pool:
             if kept is None:
                 return None
             if kept.key == client.pool_key and kept.cxn.is_connected and \
-                    _same_hostkey(kept.cxn, client.hostkey):
+                    client.hostkey in (None, "", kept.hostkey):
                 kept.users += 1
                 kept.last_used = time.monotonic()
                 return kept
@@ -1130,14 +1160,6 @@ class _Pool:
             for kept in list(self._kept.values()):
                 kept.users = 0
                 self._retire(kept)
-
-
-def _same_hostkey(cxn, hostkey):
-    """False if *hostkey* is pinned and *cxn*'s server has another."""
-    if not hostkey:
-        return True
-    offered = cxn.transport.get_remote_server_key()
-    return "%s %s" % (offered.get_name(), offered.get_base64()) == hostkey
 
 
 class _Transport(paramiko.Transport):
@@ -1365,7 +1387,7 @@ class Client:
                 result.error = "not started: the server is stopping"
                 return
             started = time.monotonic()
-            channel.exec_command(_announced(command))
+            _exec(channel, _announced(command))
             channel.shutdown_write()
             timed_out = not _drain(channel, out, pid, started + timeout)
             ended = not timed_out or execution.end()
