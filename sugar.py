@@ -260,6 +260,13 @@ class _SQLiteStore(collections.abc.MutableMapping):
         self._db.execute("REPLACE INTO Dict (key, value) VALUES "
                          "(CAST(? AS BLOB), CAST(? AS BLOB))", (key, value))
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """Changes made inside are committed together, or none of them."""
+        with self._db:
+            self._db.execute("BEGIN")
+            yield
+
     def __delitem__(self, key):
         if not self._db.execute("DELETE FROM Dict WHERE key = CAST(? AS "
                                 "BLOB)", (key,)).rowcount:
@@ -407,7 +414,7 @@ class _Registry:
 
     def note_runs(self, job_id, results):
         """Record each result as its client's last run."""
-        with self._lock:
+        with self._lock, self._shelf.dict.transaction():
             for result in results:
                 entry = self._shelf.get(result.id)
                 if entry is not None and result.status != "stale":
@@ -540,14 +547,21 @@ def _log_lock(path):
 
 
 class _Sink:
-    """A text file being written that remembers its last character."""
+    """A text file being written that remembers its last character.
 
-    def __init__(self, file):
+    With *make* instead of *file*, the file is made by calling it at the
+    first write (most commands write nothing on stderr).
+    """
+
+    def __init__(self, file=None, make=None):
         self.file = file
+        self._make = make
         self.ends_line = True
 
     def write(self, text):
         if text:
+            if self.file is None:
+                self.file = self._make()
             self.file.write(text)
             self.file.flush()
             self.ends_line = text.endswith("\n")
@@ -579,7 +593,7 @@ class _LogEntry:
             else:
                 out = self._spool(path, spool)
             self.stdout = _Sink(out)
-            self.stderr = _Sink(self._spool(path, spool))
+            self.stderr = _Sink(make=lambda: self._spool(path, spool))
         except BaseException:
             self._release()
             raise
@@ -603,7 +617,8 @@ class _LogEntry:
                     self.path, self._rotation)
                 self._copy(spooled, self.stdout.file)
             self.stdout.file.write("--- stderr ---\n")
-            self._copy(self.stderr.file, self.stdout.file)
+            if self.stderr.file is not None:
+                self._copy(self.stderr.file, self.stdout.file)
             self.stdout.file.write("result: %s\n=== end\n\n" % outcome)
         finally:
             self.stdout.file.close()
