@@ -11,8 +11,9 @@ ThreadingGroup, a thread pool of Fabric connections and parallel-ssh on
 the same fleet, and measures the CPU of one SSH handshake and of one
 command over an open connection, from which the lower bounds come:
 N x (client + server CPU) / cores.  It also measures /register requests
-per second with 50 concurrent callers (ab) beside a bare http.server, and
-a run on 200 hosts while registrations go on.
+per second with 50 concurrent callers (ab) beside a bare http.server, a
+run on 200 hosts while registrations go on, and the share of a warm run's
+server CPU spent on HTTP, the registry and the logs.
 
 Every address is loopback.  Run from the project folder, after
 ``./bootstrap --test``, as root::
@@ -64,22 +65,11 @@ def fleet_hosts(folder):
         return [(h["addr"], h["port"]) for h in json.load(state)["hosts"]]
 
 
-class Sugar:
-    """A Sugar server process for one measurement."""
+class Api:
+    """Sugar's HTTP API at *port* on loopback, with the bench's token."""
 
-    def __init__(self, folder, workers, key):
-        self.folder = tempfile.mkdtemp(prefix="sugar-bench-", dir=folder)
-        self.port = free_port()
-        env = dict(os.environ, TOKEN=TOKEN, PORT=str(self.port),
-                   HOST="127.0.0.1", WORKERS=str(workers), SSH_KEY=key,
-                   LOGGING="WARNING", LOG_DIR="logs")
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sugar_server")],
-            cwd=self.folder, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-        if not self.process.stdout.readline():
-            raise RuntimeError("sugar_server did not start: "
-                               + self.process.stderr.read())
+    def __init__(self, port):
+        self.port = port
 
     def request(self, path, fields, timeout=600):
         connection = http.client.HTTPConnection("127.0.0.1", self.port,
@@ -130,6 +120,24 @@ class Sugar:
                 "clients"])
         finally:
             connection.close()
+
+
+class Sugar(Api):
+    """A Sugar server process for one measurement."""
+
+    def __init__(self, folder, workers, key):
+        self.folder = tempfile.mkdtemp(prefix="sugar-bench-", dir=folder)
+        Api.__init__(self, free_port())
+        env = dict(os.environ, TOKEN=TOKEN, PORT=str(self.port),
+                   HOST="127.0.0.1", WORKERS=str(workers), SSH_KEY=key,
+                   LOGGING="WARNING", LOG_DIR="logs")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sugar_server")],
+            cwd=self.folder, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        if not self.process.stdout.readline():
+            raise RuntimeError("sugar_server did not start: "
+                               + self.process.stderr.read())
 
     def rss(self):
         with open("/proc/%d/status" % self.process.pid) as status:
@@ -266,6 +274,67 @@ def register_load(folder, hosts, key):
     return sugar_rate, bare_rate, run, len(hosts), done
 
 
+def cost_shares(hosts, key, runs=10):
+    """Shares of the server's CPU in warm runs spent outside SSH.
+
+    Runs a Server in this process (as the launcher would) and counts, with
+    `time.thread_time`, the CPU of the HTTP request threads (parsing,
+    authentication, the registry read, the job start and the reply), of
+    the job's end (its record and the registry's notes) and of the client
+    logs, against the whole process's CPU over *runs* warm runs of `true`.
+    """
+    import functools
+    sys.path.insert(0, HERE)
+    import sugar
+    spent = dict.fromkeys(("http", "registry", "finish", "logs"), 0.0)
+
+    def count(owner, name, part):
+        method = getattr(owner, name)
+
+        @functools.wraps(method)
+        def counted(*args, **kwargs):
+            clock = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[part] += time.thread_time() - clock
+        setattr(owner, name, counted)
+        return owner, name, method
+
+    originals = [
+        count(sugar._Handler, "handle_one_request", "http"),
+        count(sugar._Registry, "clients", "registry"),
+        count(sugar._Job, "_finish", "finish"),
+        count(sugar._LogEntry, "__init__", "logs"),
+        count(sugar._LogEntry, "close", "logs"),
+        count(sugar._Sink, "write", "logs")]
+    folder = tempfile.mkdtemp(prefix="sugar-bench-share-")
+    server = sugar.Server(8, 0, host="127.0.0.1", token=TOKEN, ssh_key=key,
+                          registry=os.path.join(folder, "registry"),
+                          jobs=os.path.join(folder, "jobs"),
+                          log_dir=os.path.join(folder, "logs"))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        sugar_client = Api(server.address[1])
+        sugar_client.register(hosts)
+        sugar_client.run("true")
+        sugar_client.run("true")
+        for part in spent:
+            spent[part] = 0.0
+        clock = time.process_time()
+        for _ in range(runs):
+            sugar_client.run("true")
+        total = time.process_time() - clock
+    finally:
+        server.shutdown()
+        server.close(1)
+        for owner, name, method in originals:
+            setattr(owner, name, method)
+        shutil.rmtree(folder, ignore_errors=True)
+    return {part: cpu / total for part, cpu in spent.items()}, total / runs
+
+
 def row(name, cold, warm):
     show = (lambda x: "%.2f" % x if x else "-")
     return "| %s | %s | %s |" % (name, show(cold), show(warm))
@@ -331,7 +400,19 @@ def main():
                              % (memory / 1024))
                 print("\n".join(lines[-12:]), flush=True)
         fleet("up", str(max(sizes or [200])), "--dir", args.fleet)
-        load = register_load(args.fleet, fleet_hosts(args.fleet), key)
+        hosts = fleet_hosts(args.fleet)
+        wait_idle(args.fleet)
+        shares, per_run = cost_shares(hosts, key)
+        lines += ["", "Server CPU of a warm run on %d hosts: %.0f ms, of "
+                  "which the HTTP request (parsing, token, registry read, "
+                  "job start, reply) %.1f %% (registry read alone %.1f %%), "
+                  "the job's end (record, registry notes) %.1f %%, the "
+                  "client logs %.1f %%; the rest is SSH."
+                  % (len(hosts), per_run * 1000, 100 * shares["http"],
+                     100 * shares["registry"], 100 * shares["finish"],
+                     100 * shares["logs"])]
+        print(lines[-1], flush=True)
+        load = register_load(args.fleet, hosts, key)
         if load:
             sugar_rate, bare_rate, run, count, during = load
             lines += ["", "/register with 50 concurrent callers (ab): "
