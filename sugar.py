@@ -1667,6 +1667,14 @@ def _not_started(client, command):
     return result
 
 
+def _cut_short(client, command):
+    """The Result a crash leaves for *client*."""
+    result = Result(client, command)
+    result.status = "interrupted"
+    result.error = "the server stopped before the result was known"
+    return result
+
+
 def _fingerprint(form):
     """What makes two /run requests the same, for Idempotency-Key."""
     same = {k: v if isinstance(v, str) else hashlib.sha256(v).hexdigest()
@@ -1872,6 +1880,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = \
         do_OPTIONS = _dispatch
 
+    def _header(self, name):
+        """The value of header *name*, or None; 400 if it comes twice."""
+        values = self.headers.get_all(name) or [None]
+        if len(values) > 1:
+            raise _HTTPProblem(400, "header %r is given more than once; "
+                               "send it once" % name, {"Connection": "close"})
+        return values[0]
+
     def _presented_token(self):
         """The token in the Authorization header (bearer or basic), or None.
         """
@@ -1917,17 +1933,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(411, "Transfer-Encoding is not supported; "
                                "send the form with a Content-Length (curl "
                                "-d does)")
-        if len(self.headers.get_all("Content-Length") or ()) > 1:
-            raise _HTTPProblem(400, "Content-Length is given more than "
-                               "once; send it once")
-        length = self.headers["Content-Length"]
+        length = self._header("Content-Length")
         if length is None:
             raise _HTTPProblem(411, "Content-Length is missing; send the "
                               "form with a length (curl -d does)",
                               {"Connection": "close"})
         if not re.fullmatch(r"[0-9]{1,20}", length):
-            raise _HTTPProblem(400, "Content-Length %r is not a number"
-                              % length[:40], {"Connection": "close"})
+            raise _HTTPProblem(400, "Content-Length %r is not a count of "
+                               "bytes; send the body's length"
+                               % length[:40], {"Connection": "close"})
         kind = (self.headers["Content-Type"] or "").split(";")[0].strip()
         kind = kind.lower()
         multipart = kind == "multipart/form-data" and "script" in allowed
@@ -1986,25 +2000,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 form[name] = data.decode("utf-8")
             except UnicodeDecodeError:
-                raise _HTTPProblem(400, "field %r is not UTF-8 text"
-                                   % name) from None
+                raise _HTTPProblem(400, "field %r is not valid UTF-8; send "
+                                   "it in UTF-8" % name) from None
         return form
 
     @staticmethod
     def _parse_form(body, allowed, kind="field"):
+        where = "the body" if kind == "field" else "the query string"
         try:
             pairs = urllib.parse.parse_qsl(
-                body.decode("utf-8"), keep_blank_values=True,
-                strict_parsing=bool(body), errors="strict",
-                max_num_fields=len(allowed) + 1)
-        except UnicodeDecodeError:
-            raise _HTTPProblem(400, "the body is not valid UTF-8 once "
-                              "url-decoded") from None
+                body.decode("utf-8", "surrogateescape"),
+                keep_blank_values=True, strict_parsing=bool(body),
+                errors="surrogateescape", max_num_fields=len(allowed) + 1)
         except ValueError:
-            raise _HTTPProblem(400, "the body is not a urlencoded form "
-                              "(name=value&name=value)") from None
+            raise _HTTPProblem(400, "%s is not a urlencoded form "
+                               "(name=value&name=value)" % where) from None
         form = {}
         for name, value in pairs:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _HTTPProblem(400, "%s has a name that is not valid "
+                                   "UTF-8; send names and values in UTF-8"
+                                   % where) from None
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _HTTPProblem(400, "%s %r is not valid UTF-8; send it "
+                                   "in UTF-8" % (kind, name[:40])) from None
             if name not in allowed:
                 raise _HTTPProblem(400, "%s %r is unknown; this endpoint "
                                    "takes %s" % (kind, name[:40],
@@ -2032,9 +2055,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         form = self._read_form(("id", "address", "username", "hostkey",
                                 "token"))
         sugar = self.server.sugar
-        admin = self._authorised()
+        field = form.get("token")
+        admin = self._authorised() or field is not None and \
+            hmac.compare_digest(field.encode("utf-8"),
+                                sugar.token.encode("utf-8"))
         if sugar.register_token and not admin and not self._has_register_token(
-                form.get("token"), sugar.register_token):
+                field, sugar.register_token):
             raise _HTTPProblem(401, "registering needs the register token; "
                                "send it as the field token or as "
                                "Authorization: Bearer TOKEN", _CHALLENGE)
@@ -2090,8 +2116,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if pinned and hostkey and hostkey != pinned and not admin:
             raise _HTTPProblem(409, (
                 "client %s has another pinned host key (%s); replacing it "
-                "needs the API token (Authorization: Bearer TOKEN), as for "
-                "a re-installed machine" % (
+                "needs the API token (Authorization: Bearer TOKEN or the "
+                "field token), as for a re-installed machine" % (
                     previous["id"], _hostkey_object(pinned).fingerprint)))
 
     def do_run(self):
@@ -2101,7 +2127,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if stream and background:
             raise _HTTPProblem(400, "fields 'stream' and 'async' exclude "
                                "each other; send one of them")
-        key = _idempotency_key(self.headers["Idempotency-Key"])
+        key = _idempotency_key(self._header("Idempotency-Key"))
         sources = [name for name in ("command", "url", "script", "rerun")
                    if name in form]
         if len(sources) > 1:
@@ -2379,7 +2405,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "%s, ended %s\n%s" % (
                         head, record["command"], record["target"] or "all",
                         record["requester"], record["started"],
-                        record["ended"] or "not yet",
+                        record["ended"] or ("not yet" if record["state"]
+                                            == "running" else "unknown"),
                         _run_text(results) if results else ""))
 
 
@@ -2582,9 +2609,13 @@ def _run_document(job, results):
 _USAGE = """Sugar runs shell commands on registered machines over SSH.
 
 POST /register      id=<machine-id> [address=<host[:port]>] [username=<user>]
+                    [hostkey=<type base64>] [token=<register token>]
 POST /run           command=<shell command> [target=<globs>] [timeout=<s>]
                     [stream=1] [async=1] [stale=1]
+POST /run           url=<script URL> [sha256=<hex>] [args=<arguments>] ...
+POST /run           script=@<file> (multipart) [sha256=<hex>] [args=...] ...
 POST /run           rerun=<job id> [only=failed]
+                    header Idempotency-Key: <key> makes a /run safe to repeat
 GET  /clients       [?target=<globs>]
 GET  /clients/<id>  DELETE /clients/<id>
 GET  /jobs          [?limit=<n>]
@@ -2806,12 +2837,17 @@ class Server:
             }
             job = _Job(record, self._finished)
             self._running[job.id] = job
-            self.jobs.save(record)
+            record["targets"] = [entry["id"] for entry, _ in entries]
+            clients = [Client.from_entry(entry, **self._client_options)
+                       for entry, _ in entries]
+            # Stored as if cut short, so that after a crash the job still
+            # lists its clients and a rerun finds them.
+            self.jobs.save(dict(record, clients=[
+                _cut_short(client, command).as_dict() for client in clients]))
             logger.info("job %d: %s (authorised) runs %r on %d clients",
                         job.id, requester, command, len(entries))
-            record["targets"] = [entry["id"] for entry, _ in entries]
-            job.start([self._submit(entry, stale, record, script)
-                        for entry, stale in entries])
+            job.start([self._submit(client, entry, stale, record, script)
+                       for client, (entry, stale) in zip(clients, entries)])
         return job
 
     def _job_for_key(self, key, fingerprint):
@@ -2850,8 +2886,7 @@ class Server:
         """True if *entry* was last seen longer ago than `stale` allows."""
         return bool(self.stale) and _age(entry["last_seen"]) > self.stale
 
-    def _submit(self, entry, stale, record, script):
-        client = Client.from_entry(entry, **self._client_options)
+    def _submit(self, client, entry, stale, record, script):
         if stale:
             future = concurrent.futures.Future()
             future.set_result(_stale_result(client, record["command"],

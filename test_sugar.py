@@ -729,7 +729,42 @@ def test_invalid_content_length_is_400(server):
     status, _, body = server.request("POST", "/run", None, dict(
         FORM, **{"Content-Length": "-5"}))
 
-    assert (status, body) == (400, "Content-Length '-5' is not a number\n")
+    assert (status, body) == (400, "Content-Length '-5' is not a count of "
+                              "bytes; send the body's length\n")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("Content-Length", b"9"), ("Idempotency-Key", b"deploy-2")])
+def test_a_header_given_twice_is_400(server, name, value):
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\n"
+                     b"Authorization: Bearer %s\r\nIdempotency-Key: "
+                     b"deploy-1\r\nContent-Length: 9\r\n%s: %s\r\n\r\n"
+                     b"command=:" % (TOKEN.encode(), name.encode(), value))
+        answer = sock.makefile("rb").read().decode()
+
+    assert answer.startswith("HTTP/1.1 400 ")
+    assert answer.endswith("\r\n\r\nheader %r is given more than once; "
+                           "send it once\n" % name)
+
+
+@pytest.mark.parametrize("method, path, body, message", [
+    ("POST", "/run", b"command=%ff",
+     "field 'command' is not valid UTF-8; send it in UTF-8"),
+    ("POST", "/run", b"%ff=1", "the body has a name that is not valid "
+     "UTF-8; send names and values in UTF-8"),
+    ("POST", "/run", b"command", "the body is not a urlencoded form "
+     "(name=value&name=value)"),
+    ("GET", "/jobs?target=%ff", None,
+     "query 'target' is not valid UTF-8; send it in UTF-8"),
+    ("GET", "/jobs?bogus", None, "the query string is not a urlencoded "
+     "form (name=value&name=value)")])
+def test_a_form_that_is_not_utf8_or_not_urlencoded_is_400(
+        server, method, path, body, message):
+    status, _, answer = server.request(method, path, body, FORM)
+
+    assert (status, answer) == (400, message + "\n")
 
 
 def test_missing_and_empty_command_are_400(server):
@@ -1568,6 +1603,8 @@ def test_register_token_is_required_when_set(tmp_path, user_key):
                              token="join-secret")
         header = running.post("/register", {
             "Authorization": "Bearer join-secret"}, id="a4")
+        api = running.post("/register", {"Authorization": ""}, id="a5",
+                           token=running.server.token)
         ids = [e["id"] for e in running.server.registry.clients()]
     finally:
         running.stop()
@@ -1575,8 +1612,8 @@ def test_register_token_is_required_when_set(tmp_path, user_key):
     refusal = ("registering needs the register token; send it as the field "
                "token or as Authorization: Bearer TOKEN\n")
     assert none[0::2] == wrong[0::2] == (401, refusal)
-    assert field[0] == header[0] == 201
-    assert sorted(ids) == ["a3", "a4"]
+    assert field[0] == header[0] == api[0] == 201
+    assert sorted(ids) == ["a3", "a4", "a5"]
 
 
 def test_https_only_with_a_certificate(tmp_path, user_key):
@@ -1701,13 +1738,14 @@ def test_replacing_a_pinned_key_needs_the_api_token(server, make_sshd):
 
     hijack = server.post("/register", {"Authorization": ""}, **fields)
     kept = server.server.registry.get(client_id(sshd))["hostkey"]
-    admin = server.post("/register", **fields)
+    admin = server.post("/register", {"Authorization": ""},
+                        token=server.server.token, **fields)
 
     assert hijack[0::2] == (409, (
         "client %s has another pinned host key (%s); replacing it needs "
-        "the API token (Authorization: Bearer TOKEN), as for a re-installed "
-        "machine\n" % (client_id(sshd), sugar._hostkey_object(
-            pinned).fingerprint)))
+        "the API token (Authorization: Bearer TOKEN or the field token), "
+        "as for a re-installed machine\n"
+        % (client_id(sshd), sugar._hostkey_object(pinned).fingerprint)))
     assert kept == pinned
     assert admin[0] == 200
     assert server.run_json("true")["clients"][0]["status"] == "ok"
@@ -1908,7 +1946,7 @@ def test_a_killed_server_keeps_every_answered_registration(
         tmp_path, make_sshd, user_key):
     port = free_port()
     env = {"PORT": str(port), "HOST": "127.0.0.1", "LOGGING": "WARNING",
-           "SSH_KEY": user_key}
+           "SSH_KEY": user_key, "GRACE": "0"}
     process = launch(tmp_path, env)
     answered, stop = [], threading.Event()
 
@@ -1946,6 +1984,8 @@ def test_a_killed_server_keeps_every_answered_registration(
     try:
         clients = http_get_json(port, "/clients")["clients"]
         job = http_get_json(port, "/jobs/1")
+        rerun = http_post(port, "/run", {"rerun": "1", "only": "failed",
+                                         "async": "1"})
     finally:
         again.terminate()
         again.communicate(timeout=30)
@@ -1954,7 +1994,11 @@ def test_a_killed_server_keeps_every_answered_registration(
     assert status == 202
     assert len(answered) > 20
     assert set(answered) <= {c["id"] for c in clients}
-    assert job["state"] == "interrupted"
+    assert (job["state"], job["ended"]) == ("interrupted", None)
+    assert [(c["id"], c["status"], c["error"]) for c in job["clients"]] == [
+        ("sleeper", "interrupted",
+         "the server stopped before the result was known")]
+    assert rerun == (202, "job 2 started on 1 client; see GET /jobs/2\n")
 
 
 def test_an_old_shelve_registry_is_carried_over(tmp_path):
