@@ -799,8 +799,9 @@ class _Stream:
         return tail.decode("utf-8", "backslashreplace"), self._hash.digest()
 
 
-def _drain(channel, out, err, deadline):
-    """Feed *channel*'s stdout and stderr to the streams until both end.
+def _drain(channel, out, err, deadline, done=None):
+    """Feed *channel*'s stdout and stderr to the streams until both end
+    (or, with *done*, until ``done()`` is true or the channel ends).
 
     Returns False if *deadline* (a `time.monotonic` value) came first.
     Both of the channel's buffers set one event when data, the end or the
@@ -815,7 +816,7 @@ def _drain(channel, out, err, deadline):
             out.feed(channel.recv(READ_SIZE))
         elif channel.recv_stderr_ready():
             err.feed(channel.recv_stderr(READ_SIZE))
-        elif channel.eof_received or channel.closed:
+        elif channel.eof_received or channel.closed or (done and done()):
             return True
         else:
             left = deadline - time.monotonic()
@@ -862,6 +863,13 @@ class _Pid:
         self._head = b""
         self.pid = None
 
+    @classmethod
+    def known(cls, pid):
+        """A `_Pid` already holding *pid*."""
+        known = cls(None)
+        known.pid = pid
+        return known
+
     def feed(self, data):
         if self.pid is not None:
             self._stream.feed(data)
@@ -903,8 +911,11 @@ class _Execution:
         """End the command (from any thread), then its connection."""
         self.stopped = True
         self._signal("TERM")
-        self.channel.close()
-        self.cxn.close()
+        _close(self.channel)
+        try:
+            self.cxn.close()
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
 
     def _signal(self, name):
         """Send signal *name* to the command's process group over a channel
@@ -930,6 +941,123 @@ class _Execution:
             sent.append(name)
         except (OSError, paramiko.SSHException, EOFError):
             pass
+
+
+# The program a kept connection's shell runs (see `_Shell`), in the
+# language every POSIX login shell speaks.  For each command it reads a
+# token line, answers it on both streams (with its process id on stdout),
+# reads the command's lines up to the token line again, runs the command
+# with the user's login shell as sshd would (the same program, called by
+# the same name when PATH finds it), with no input, then writes the token
+# and the exit status.  Input that ends before the token line runs nothing.
+_SHELL_LOOP = r"""n=${SHELL:-/bin/sh}
+case $n in */*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};; esac
+while IFS= read -r t; do
+printf '%s %s\n' "$t" "$$"; printf '%s\n' "$t" >&2
+c= f=1 e=1
+while IFS= read -r l; do
+if [ "$l" = "$t" ]; then e=; break; fi
+if [ -n "$f" ]; then c=$l f=; else c="$c
+$l"; fi
+done
+[ -z "$e" ] || exit 0
+"$n" -c "$c" </dev/null
+s=$?
+printf '%s\n' "$t" >&2; printf '%s %s\n' "$t" "$s"
+done"""
+
+
+def _close(channel):
+    """Close *channel*, even when its connection is going away."""
+    try:
+        channel.close()
+    except (OSError, paramiko.SSHException, EOFError):
+        pass
+
+
+class _Marked:
+    """One output stream of a kept shell, cut to one command's part.
+
+    Bytes before the first line starting with *token* are left over from
+    an earlier command and dropped; that line's rest is `head`.  Then the
+    bytes up to the next *token* go to *stream*; the rest of that line is
+    `tail`, and the command's part has `ended`.  A token split across
+    reads is held back until it is whole.
+    """
+
+    def __init__(self, stream, token):
+        self._stream = stream
+        self._token = token
+        self._held = b""
+        self.head = self.tail = None
+        self.ended = False
+
+    def feed(self, data):
+        held = self._held + data
+        if self.head is None:
+            at = held.find(self._token)
+            if at < 0:
+                self._held = held[-len(self._token):]
+                return
+            line, newline, rest = held[at + len(self._token):].partition(
+                b"\n")
+            if not newline:
+                self._held = held[at:]
+                return
+            self.head, held = line.strip(), rest
+        if self.ended:
+            self._held = b""
+            return
+        at = held.find(self._token)
+        if at < 0:
+            cut = len(held) - self._partial(held)
+            self._pass(held[:cut])
+            self._held = held[cut:]
+            return
+        line, newline, _ = held[at + len(self._token):].partition(b"\n")
+        self._pass(held[:at])
+        if not newline:
+            self._held = held[at:]
+            return
+        self.tail, self.ended, self._held = line.strip(), True, b""
+
+    def _partial(self, data):
+        """How many of *data*'s last bytes may begin the token."""
+        at = data.find(self._token[:1], max(0, len(data) - len(self._token)))
+        while at >= 0:
+            if self._token.startswith(data[at:]):
+                return len(data) - at
+            at = data.find(self._token[:1], at + 1)
+        return 0
+
+    def _pass(self, data):
+        if data:
+            self._stream.feed(data)
+
+    def flush(self):
+        """The stream ended early: pass on what was held back."""
+        if self.head is not None and not self.ended:
+            self._pass(self._held)
+        self._held = b""
+
+
+class _Shell:
+    """A shell kept running on a kept connection, which runs the commands
+    sent to it one at a time: a command then costs sshd no new session
+    (no new process, environment or login shell for the session, which is
+    most of a command's cost on the client), only the login shell that
+    runs it.  The run using it holds its `_Kept`'s ``shell_lock``; it is
+    `new` until its first answer.  Its process id leads the session's process group, so a time
+    limit or a stop ends the shell with the command.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.new = True
+
+    @property
+    def alive(self):
+        return not (self.channel.closed or self.channel.eof_received)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1077,6 +1205,10 @@ class _Kept:
         self.users = 1
         self.last_used = time.monotonic()
         self.retired = False
+        # A `_Shell`; None until the first run starts one, False when the
+        # login shell cannot run it (runs then take channels of their own).
+        self.shell = None
+        self.shell_lock = threading.Lock()
 
 
 class _Pool:
@@ -1327,7 +1459,8 @@ class Client:
         kept = self._pool and self._pool.take(self)
         if kept is not None:
             try:
-                self._work(kept.cxn, command, timeout, result, entry, script)
+                self._work(kept, kept.cxn, command, timeout, result, entry,
+                           script)
             except _StaleConnection:
                 self._pool.give_back(kept, broken=True)
             else:
@@ -1351,7 +1484,8 @@ class Client:
                 return
             kept = self._pool and self._pool.keep(self, cxn)
             try:
-                self._work(cxn, command, timeout, result, entry, script)
+                self._work(kept, cxn, command, timeout, result, entry,
+                           script)
             except _StaleConnection as exc:
                 result.status = "error"
                 result.error = "connection to %s lost: %s" % (
@@ -1373,24 +1507,40 @@ class Client:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _work(self, cxn, command, timeout, result, entry, script):
-        """Run on the open *cxn*; a connection lost is the result's error,
-        except before anything ran: that raises _StaleConnection.
+    def _work(self, kept, cxn, command, timeout, result, entry, script):
+        """Run on the open *cxn* (kept in the pool as *kept*, or None); a
+        connection lost is the result's error, except before anything
+        ran: that raises _StaleConnection.
         """
         try:
             if script is None:
-                self._execute(cxn, command, timeout, result, entry)
+                self._execute(kept, cxn, command, timeout, result, entry)
             else:
-                self._execute_script(cxn, script, timeout, result, entry)
+                self._execute_script(kept, cxn, script, timeout, result,
+                                     entry)
         except _StaleConnection:
             raise
         except (OSError, paramiko.SSHException, EOFError) as exc:
             result.status = "error"
             result.error = "connection to %s lost: %s" % (self.address, exc)
 
-    def _execute(self, cxn, command, timeout, result, entry):
+    def _execute(self, kept, cxn, command, timeout, result, entry):
+        """Run *command* in *kept*'s shell when it is free, else on a
+        channel of its own.
+        """
         out = _Stream(entry.stdout, self.max_output)
         err = _Stream(entry.stderr, self.max_output)
+        if kept and kept.shell is not False and \
+                kept.shell_lock.acquire(blocking=False):
+            try:
+                code, timed_out, stopped = self._execute_in_shell(
+                    kept, command, timeout, out, err)
+            finally:
+                kept.shell_lock.release()
+            if code is not None:
+                self._finish(result, out, err, code, timeout, timed_out,
+                             stopped)
+                return
         pid = _Pid(err)
         channel = self._open_session(cxn)
         execution = self._execution = _Execution(
@@ -1410,13 +1560,81 @@ class Client:
         finally:
             self._execution = None
             channel.close()
+        self._finish(result, out, err, code, timeout, timed_out,
+                     execution.stopped)
+
+    def _execute_in_shell(self, kept, command, timeout, out, err):
+        """Run *command* in *kept*'s `_Shell`, starting one if there is
+        none.  Returns ``(exit code or -1, timed out, stopped)``, or
+        ``(None, ...)`` when nothing ran and the caller should use a channel
+        of its own: the login shell cannot run the shell's program, or the
+        server is stopping.  Raises
+        _StaleConnection when the connection does not answer in time:
+        the command was not sent.
+        """
+        shell = kept.shell
+        if shell is None or not shell.alive:
+            channel = self._open_session(kept.cxn)
+            _exec(channel, _SHELL_LOOP)
+            shell = kept.shell = _Shell(channel)
+        channel = shell.channel
+        token = ("sugar-%s" % secrets.token_hex(16)).encode()
+        marked_out, marked_err = _Marked(out, token), _Marked(err, token)
+        try:
+            channel.sendall(token + b"\n")
+            _drain(channel, marked_out, marked_err,
+                   time.monotonic() + self.connect_timeout,
+                   lambda: marked_out.head is not None)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            _close(channel)
+            raise _StaleConnection(str(exc) or type(exc).__name__) from None
+        if marked_out.head is None or \
+                not re.fullmatch(rb"[0-9]{1,9}", marked_out.head):
+            _close(channel)
+            if shell.new and not shell.alive:
+                logger.info("%s: the login shell cannot keep a shell "
+                            "running; each command gets a channel",
+                            self.address)
+                kept.shell = False
+                return None, False, False
+            raise _StaleConnection("no answer within %gs"
+                                   % self.connect_timeout)
+        shell.new = False
+        if self._stopping:
+            return None, False, False
+
+        def ended():
+            return marked_out.ended and marked_err.ended
+        execution = self._execution = _Execution(
+            kept.cxn, channel, _Pid.known(int(marked_out.head)),
+            lambda deadline: _drain(channel, marked_out, marked_err,
+                                    deadline, ended))
+        try:
+            started = time.monotonic()
+            channel.sendall(command.encode("utf-8", "surrogateescape")
+                            + b"\n" + token + b"\n")
+            timed_out = not _drain(channel, marked_out, marked_err,
+                                   started + timeout, ended)
+            if timed_out:
+                execution.end()
+        finally:
+            self._execution = None
+        marked_out.flush()
+        marked_err.flush()
+        if not ended() or timed_out or execution.stopped or \
+                not re.fullmatch(rb"[0-9]{1,3}", marked_out.tail):
+            _close(channel)
+            return -1, timed_out, execution.stopped
+        return int(marked_out.tail), False, False
+
+    def _finish(self, result, out, err, code, timeout, timed_out, stopped):
         (result.stdout, out_digest), (result.stderr, err_digest) = (
             out.finish(), err.finish())
         result.stdout_cut, result.stderr_cut = out.cut, err.cut
         result.digest = hashlib.sha256(out_digest + err_digest).hexdigest()
-        self._judge(result, code, timeout, timed_out, execution.stopped)
+        self._judge(result, code, timeout, timed_out, stopped)
 
-    def _execute_script(self, cxn, script, timeout, result, entry):
+    def _execute_script(self, kept, cxn, script, timeout, result, entry):
         """Copy *script* over SFTP to a new private file, run it, and
         remove it, whatever happened.
         """
@@ -1437,8 +1655,8 @@ class Client:
                 result.error = "could not copy the script to %s: %s" % (
                     path, exc)
                 return
-            self._execute(cxn, script.command_line(path), timeout, result,
-                          entry)
+            self._execute(kept, cxn, script.command_line(path), timeout,
+                          result, entry)
         finally:
             try:
                 sftp.remove(path)
@@ -2248,7 +2466,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _job(self, text, field=None):
         """The job whose id is *text*; 404 (or 400 for a field) if none."""
         job = self.server.sugar.job(int(text)) if re.fullmatch(
-            r"[0-9]{1,18}", text) else None
+            r"0|[1-9][0-9]{0,17}", text) else None
         if job is None:
             where = "field %r: " % field if field else ""
             raise _HTTPProblem(400 if field else 404, "%sno job %r; GET "
@@ -2322,7 +2540,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise _HTTPProblem(400, str(exc)) from None
             if not entries:
                 raise _HTTPProblem(404, "target %r matches no registered "
-                                   "client" % query["target"])
+                                   "client" % query["target"][:200])
         documents = [self._client_document(e) for e in entries]
         if self._wants_json():
             self._reply_json(200, {"clients": documents})
@@ -2361,9 +2579,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _unknown_client(client_id)
         address = _address_of(entry)
         logger.info("%s: client %s removed", address, client_id)
-        self._reply(200, "removed client %s at %s; its log stays in %s" % (
-            client_id, address, _log_path(self.server.sugar.log_dir,
-                                          address)))
+        log = _log_path(self.server.sugar.log_dir, address)
+        self._reply(200, "removed client %s at %s; %s" % (
+            client_id, address, "its log stays in %s" % log
+            if os.path.exists(log) else "it has no log"))
 
     def do_list_jobs(self):
         query = self._read_query(("limit",))
@@ -2878,7 +3097,7 @@ class Server:
         if not chosen and (target or ids is not None):
             raise _Refused(404, "target %r matches no registered client; "
                            "nothing ran (GET /clients lists them)"
-                           % (target or ",".join(ids)))
+                           % (target or ",".join(ids))[:200])
         return [(entry, not include_stale and entry["id"] not in named
                  and self.is_stale(entry)) for entry in chosen]
 

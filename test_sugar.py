@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import pwd
 import re
 import resource
 import shelve
@@ -1256,6 +1257,11 @@ def test_clients_are_listed_shown_and_deleted(server, make_sshd):
     assert first.address.replace(":", "_") + ".txt" in server.log_files()
     assert server.request("DELETE", "/clients/nobody")[0::2] == (
         404, "no client 'nobody'; GET /clients lists them\n")
+    never_ran = make_sshd()
+    server.register(never_ran)
+    assert server.request("DELETE", "/clients/" + client_id(never_ran))[
+        0::2] == (200, "removed client %s at %s; it has no log\n" % (
+            client_id(never_ran), never_ran.address))
 
 
 def test_registering_again_is_a_heartbeat(server, make_sshd):
@@ -1411,6 +1417,8 @@ def test_jobs_are_listed_shown_and_kept_across_a_restart(
     assert shown["totals"] == {"clients": 1, "failed": 1}
     assert server.request("GET", "/jobs/99")[0::2] == (
         404, "no job '99'; GET /jobs lists them\n")
+    assert server.request("GET", "/jobs/02")[0::2] == (
+        404, "no job '02'; GET /jobs lists them\n")
 
 
 def test_jobs_past_keep_jobs_are_pruned(tmp_path, user_key, make_sshd):
@@ -2411,6 +2419,50 @@ def test_a_warm_run_reuses_the_connection(server, make_sshd):
     assert source_port(first) == source_port(second)
     assert len(sshd.sessions()) == 1
     assert server.server.pool.size() == 1
+
+
+def test_warm_runs_go_to_the_shell_kept_on_the_connection(server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    login_shell = os.path.basename(pwd.getpwnam(USER).pw_shell)
+    show = "echo $$ $PPID $(cat /proc/$PPID/comm) $0"
+
+    first, second = (server.run_json(show)["clients"][0]["stdout"].split()
+                     for _ in range(2))
+
+    assert first[0] != second[0]
+    assert first[1:] == second[1:] == [first[1], login_shell, login_shell]
+    assert len(sshd.sessions()) == 1
+
+
+def test_a_command_that_ends_the_kept_shell_is_an_error_then_runs_go_on(
+        server, make_sshd, tmp_path):
+    sshd = make_sshd()
+    server.register(sshd)
+    ran = tmp_path / "ran"
+
+    killed = server.run_json("echo 1 >> %s; kill -KILL $PPID" % ran)
+    after = server.run_json("echo 2 >> %s; echo $0" % ran)
+
+    assert [(c["status"], c["error"]) for c in killed["clients"]] == [
+        ("error", "the command ended without an exit code")]
+    assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
+        ("ok", os.path.basename(pwd.getpwnam(USER).pw_shell) + "\n")]
+    assert ran.read_text() == "1\n2\n"
+    assert len(sshd.sessions()) == 1
+
+
+def test_output_left_by_a_background_process_is_not_a_later_commands(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+
+    first = server.run_json("(sleep 1; echo late) & echo now")
+    time.sleep(2)
+    second = server.run_json("echo next")
+
+    assert [c["stdout"] for c in first["clients"]] == ["now\n"]
+    assert [c["stdout"] for c in second["clients"]] == ["next\n"]
 
 
 def test_a_connection_lost_between_runs_is_replaced_and_runs_once(
