@@ -1568,9 +1568,8 @@ class Client:
         none.  Returns ``(exit code or -1, timed out, stopped)``, or
         ``(None, ...)`` when nothing ran and the caller should use a channel
         of its own: the login shell cannot run the shell's program, or the
-        server is stopping.  Raises
-        _StaleConnection when the connection does not answer in time:
-        the command was not sent.
+        server is stopping.  Raises _StaleConnection when the connection
+        does not answer in time: the command was not sent.
         """
         shell = kept.shell
         if shell is None or not shell.alive:
@@ -1590,8 +1589,9 @@ class Client:
             raise _StaleConnection(str(exc) or type(exc).__name__) from None
         if marked_out.head is None or \
                 not re.fullmatch(rb"[0-9]{1,9}", marked_out.head):
+            ended_early = not shell.alive
             _close(channel)
-            if shell.new and not shell.alive:
+            if shell.new and ended_early:
                 logger.info("%s: the login shell cannot keep a shell "
                             "running; each command gets a channel",
                             self.address)
@@ -1601,6 +1601,7 @@ class Client:
                                    % self.connect_timeout)
         shell.new = False
         if self._stopping:
+            _close(channel)
             return None, False, False
 
         def ended():

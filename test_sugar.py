@@ -32,6 +32,7 @@ import sugar
 HERE = os.path.dirname(os.path.abspath(__file__))
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 USER = getpass.getuser()
+LOGIN_SHELL = os.path.basename(pwd.getpwnam(USER).pw_shell)
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 TOKEN = "test-token-0123456789"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -2424,14 +2425,13 @@ def test_a_warm_run_reuses_the_connection(server, make_sshd):
 def test_warm_runs_go_to_the_shell_kept_on_the_connection(server, make_sshd):
     sshd = make_sshd()
     server.register(sshd)
-    login_shell = os.path.basename(pwd.getpwnam(USER).pw_shell)
     show = "echo $$ $PPID $(cat /proc/$PPID/comm) $0"
 
     first, second = (server.run_json(show)["clients"][0]["stdout"].split()
                      for _ in range(2))
 
     assert first[0] != second[0]
-    assert first[1:] == second[1:] == [first[1], login_shell, login_shell]
+    assert first[1:] == second[1:] == [first[1], LOGIN_SHELL, LOGIN_SHELL]
     assert len(sshd.sessions()) == 1
 
 
@@ -2447,7 +2447,7 @@ def test_a_command_that_ends_the_kept_shell_is_an_error_then_runs_go_on(
     assert [(c["status"], c["error"]) for c in killed["clients"]] == [
         ("error", "the command ended without an exit code")]
     assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
-        ("ok", os.path.basename(pwd.getpwnam(USER).pw_shell) + "\n")]
+        ("ok", LOGIN_SHELL + "\n")]
     assert ran.read_text() == "1\n2\n"
     assert len(sshd.sessions()) == 1
 
