@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import pwd
 import re
@@ -2449,6 +2450,32 @@ def test_a_command_that_ends_the_kept_shell_is_an_error_then_runs_go_on(
     assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
         ("ok", LOGIN_SHELL + "\n")]
     assert ran.read_text() == "1\n2\n"
+
+
+def test_a_login_shell_that_cannot_keep_a_shell_gets_a_channel_per_run(
+        server, make_sshd, tmp_path, caplog):
+    # sshd hands every command to this program, which, like csh or fish,
+    # cannot run the kept shell's POSIX loop but runs other commands.
+    wrapper = tmp_path / "no-loops"
+    wrapper.write_text('#!/bin/sh\ncase $SSH_ORIGINAL_COMMAND in\n'
+                       '*"while IFS= read"*) echo no loops >&2; exit 1;;\n'
+                       'esac\nexec bash -c "$SSH_ORIGINAL_COMMAND"\n')
+    wrapper.chmod(0o755)
+    sshd = make_sshd(["ForceCommand %s" % wrapper])
+    server.register(sshd)
+    caplog.set_level(logging.INFO, logger="sugar")
+
+    runs = [server.run_json("echo run %d; echo warn >&2; exit 3" % number)
+            for number in (1, 2)]
+
+    assert [[(c["status"], c["exit_code"], c["stdout"], c["stderr"])
+             for c in run["clients"]] for run in runs] == [
+        [("failed", 3, "run 1\n", "warn\n")],
+        [("failed", 3, "run 2\n", "warn\n")]]
+    assert caplog.text.count("%s: the login shell cannot keep a shell "
+                             "running; each command gets a channel"
+                             % sshd.address) == 1
+    assert len(sshd.sessions()) == 1
 
 
 def test_output_left_by_a_background_process_is_not_a_later_commands(
