@@ -887,13 +887,19 @@ class _Pid:
 
 
 class _Execution:
-    """A command running on a client, which `stop` can end early."""
+    """A command running on a client, which `stop` can end early.
 
-    def __init__(self, cxn, channel, pid, wait):
+    *pid* leads the command's process group, or, with *relay*, is a kept
+    shell's, which passes TERM and KILL on to the command's process group
+    when sent USR1 and USR2.
+    """
+
+    def __init__(self, cxn, channel, pid, wait, relay=False):
         self.cxn = cxn
         self.channel = channel
         self._pid = pid
         self._wait = wait
+        self._relay = relay
         self.stopped = False
 
     def end(self, grace=KILL_AFTER):
@@ -934,8 +940,12 @@ class _Execution:
     def _kill(self, name, pid, sent):
         try:
             session = self.cxn.transport.open_session(timeout=KILL_AFTER)
-            session.exec_command("kill -%s -- -%d 2>/dev/null || kill -%s %d"
-                                 % (name, pid, name, pid))
+            if self._relay:
+                session.exec_command("kill -%s %d" % (
+                    {"TERM": "USR1", "KILL": "USR2"}[name], pid))
+            else:
+                session.exec_command("kill -%s -- -%d 2>/dev/null || "
+                                     "kill -%s %d" % (name, pid, name, pid))
             session.recv_exit_status()
             session.close()
             sent.append(name)
@@ -944,16 +954,25 @@ class _Execution:
 
 
 # The program a kept connection's shell runs (see `_Shell`), in the
-# language every POSIX login shell speaks.  For each command it reads a
-# token line, answers it on both streams (with its process id on stdout),
-# reads the command's lines up to the token line again, runs the command
-# with the user's login shell as sshd would (the same program, called by
-# the same name when PATH finds it), with no input, then writes the token
-# and the exit status.  Input that ends before the token line runs nothing.
+# language every POSIX login shell speaks.  It needs setsid (util-linux or
+# BusyBox) and gives up at once without it.  Its own messages (the job
+# notices of shells) go nowhere; the commands' stderr is its fd 3.  For
+# each command it reads a token line, answers it on both streams (with its
+# process id on stdout), reads the command's lines up to the token line
+# again, runs the command as sshd would, with the user's login shell (the
+# same program, called by the same name when PATH finds it), in a session
+# and process group of its own, with no input, then writes the token and
+# the exit status.  USR1 and USR2 pass TERM and KILL on to the command's
+# process group.  Input that ends before the token line runs nothing.
 _SHELL_LOOP = r"""n=${SHELL:-/bin/sh}
 case $n in */*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};; esac
+command -v setsid >/dev/null || exit 1
+exec 3>&2 2>/dev/null
+p=
+trap '[ -z "$p" ] || kill -TERM "-$p"' USR1
+trap '[ -z "$p" ] || kill -KILL "-$p"' USR2
 while IFS= read -r t; do
-printf '%s %s\n' "$t" "$$"; printf '%s\n' "$t" >&2
+printf '%s %s\n' "$t" "$$"; printf '%s\n' "$t" >&3
 c= f=1 e=1
 while IFS= read -r l; do
 if [ "$l" = "$t" ]; then e=; break; fi
@@ -961,9 +980,12 @@ if [ -n "$f" ]; then c=$l f=; else c="$c
 $l"; fi
 done
 [ -z "$e" ] || exit 0
-"$n" -c "$c" </dev/null
-s=$?
-printf '%s\n' "$t" >&2; printf '%s %s\n' "$t" "$s"
+setsid "$n" -c "$c" </dev/null 2>&3 3>&- &
+p=$!
+wait "$p"; s=$?
+while kill -0 "$p" 2>/dev/null; do wait "$p"; s=$?; done
+p=
+printf '%s\n' "$t" >&3; printf '%s %s\n' "$t" "$s"
 done"""
 
 
@@ -1609,7 +1631,7 @@ class Client:
         execution = self._execution = _Execution(
             kept.cxn, channel, _Pid.known(int(marked_out.head)),
             lambda deadline: _drain(channel, marked_out, marked_err,
-                                    deadline, ended))
+                                    deadline, ended), relay=True)
         try:
             started = time.monotonic()
             channel.sendall(command.encode("utf-8", "surrogateescape")
@@ -2110,7 +2132,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _presented_token(self):
         """The token in the Authorization header (bearer or basic), or None.
         """
-        kind, _, value = (self.headers["Authorization"] or "").partition(" ")
+        kind, _, value = (self._header("Authorization") or "").partition(" ")
         if kind.lower() == "bearer":
             return value.strip()
         if kind.lower() == "basic":

@@ -737,7 +737,8 @@ def test_invalid_content_length_is_400(server):
 
 
 @pytest.mark.parametrize("name, value", [
-    ("Content-Length", b"9"), ("Idempotency-Key", b"deploy-2")])
+    ("Content-Length", b"9"), ("Idempotency-Key", b"deploy-2"),
+    ("Authorization", b"Bearer wrong")])
 def test_a_header_given_twice_is_400(server, name, value):
     with socket.create_connection((server.host, server.port)) as sock:
         sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Type: "
@@ -2476,6 +2477,30 @@ def test_a_login_shell_that_cannot_keep_a_shell_gets_a_channel_per_run(
                              "running; each command gets a channel"
                              % sshd.address) == 1
     assert len(sshd.sessions()) == 1
+
+
+def test_a_timeout_or_kill_0_in_the_kept_shell_spares_earlier_runs_processes(
+        server, make_sshd):
+    sshd = make_sshd()
+    server.register(sshd)
+    server.run_json("sleep 301.5 >/dev/null 2>&1 &")
+    try:
+        [timed_out] = json.loads(server.post(
+            "/run", {"Accept": "application/json"}, command="sleep 30",
+            timeout="1")[2])["clients"]
+        killed = server.run_json("kill 0; echo never")
+        leader = server.run_json("awk '{print $6 == $1}' /proc/$$/stat")
+        left = sleeping("301.5")
+    finally:
+        for pid in sleeping("301.5"):
+            os.kill(pid, signal.SIGKILL)
+
+    assert (timed_out["status"], timed_out["error"]) == (
+        "timeout", "ran past its 1s limit and was stopped")
+    assert [(c["status"], c["exit_code"], c["stdout"])
+            for c in killed["clients"]] == [("failed", 143, "")]
+    assert [c["stdout"] for c in leader["clients"]] == ["1\n"]
+    assert len(left) == 1
 
 
 def test_output_left_by_a_background_process_is_not_a_later_commands(
