@@ -954,19 +954,20 @@ class _Execution:
 
 
 # The program a kept connection's shell runs (see `_Shell`), in the
-# language every POSIX login shell speaks.  It needs setsid (util-linux or
-# BusyBox) and gives up at once without it.  Its own messages (the job
-# notices of shells) go nowhere; the commands' stderr is its fd 3.  For
-# each command it reads a token line, answers it on both streams (with its
-# process id on stdout), reads the command's lines up to the token line
-# again, runs the command as sshd would, with the user's login shell (the
-# same program, called by the same name when PATH finds it), in a session
-# and process group of its own, with no input, then writes the token and
-# the exit status.  USR1 and USR2 pass TERM and KILL on to the command's
-# process group.  Input that ends before the token line runs nothing.
+# language every POSIX login shell speaks.  For each command it reads a
+# token line, answers it on both streams (with its process id on stdout),
+# reads the command's lines up to the token line again, runs the command
+# as sshd would, with the user's login shell (the same program, called by
+# the same name when PATH finds it), with no input, in a process group of
+# its own, then writes the token and the exit status.  Under bash, job
+# control gives the command its group; other shells need setsid
+# (util-linux or BusyBox), which gives it a session too, and give up at
+# once without it.  USR1 and USR2 pass TERM and KILL on to the command's
+# group.  The loop's own messages (job notices) go nowhere; the commands'
+# stderr is its fd 3.  Input that ends before the token line runs nothing.
 _SHELL_LOOP = r"""n=${SHELL:-/bin/sh}
 case $n in */*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};; esac
-command -v setsid >/dev/null || exit 1
+if [ -n "$BASH_VERSION" ]; then set -m; r=; else command -v setsid >/dev/null || exit 1; r=setsid; fi
 exec 3>&2 2>/dev/null
 p=
 trap '[ -z "$p" ] || kill -TERM "-$p"' USR1
@@ -980,7 +981,7 @@ if [ -n "$f" ]; then c=$l f=; else c="$c
 $l"; fi
 done
 [ -z "$e" ] || exit 0
-setsid "$n" -c "$c" </dev/null 2>&3 3>&- &
+$r "$n" -c "$c" </dev/null 2>&3 3>&- &
 p=$!
 wait "$p"; s=$?
 while kill -0 "$p" 2>/dev/null; do wait "$p"; s=$?; done

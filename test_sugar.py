@@ -2489,7 +2489,7 @@ def test_a_timeout_or_kill_0_in_the_kept_shell_spares_earlier_runs_processes(
             "/run", {"Accept": "application/json"}, command="sleep 30",
             timeout="1")[2])["clients"]
         killed = server.run_json("kill 0; echo never")
-        leader = server.run_json("awk '{print $6 == $1}' /proc/$$/stat")
+        leader = server.run_json("awk '{print $5 == $1}' /proc/$$/stat")
         left = sleeping("301.5")
     finally:
         for pid in sleeping("301.5"):
@@ -2501,6 +2501,28 @@ def test_a_timeout_or_kill_0_in_the_kept_shell_spares_earlier_runs_processes(
             for c in killed["clients"]] == [("failed", 143, "")]
     assert [c["stdout"] for c in leader["clients"]] == ["1\n"]
     assert len(left) == 1
+
+
+def test_a_kept_shell_under_dash_runs_commands_in_a_session_of_their_own(
+        server, make_sshd, tmp_path):
+    # sshd hands every command to dash, as for a user whose login shell
+    # is dash: the kept shell then puts each command in a session with
+    # setsid.
+    wrapper = tmp_path / "dash-login"
+    wrapper.write_text('#!/bin/sh\nSHELL=/bin/dash exec /bin/dash -c '
+                       '"$SSH_ORIGINAL_COMMAND"\n')
+    wrapper.chmod(0o755)
+    sshd = make_sshd(["ForceCommand %s" % wrapper])
+    server.register(sshd)
+    show = ("echo $0; cat /proc/$PPID/comm; "
+            "awk '{print $1 == $5, $1 == $6}' /proc/$$/stat; exit 4")
+
+    runs = [server.run_json(show) for _ in range(2)]
+
+    assert [[(c["status"], c["exit_code"], c["stdout"]) for c in
+             run["clients"]] for run in runs] == [
+        [("failed", 4, "dash\ndash\n1 1\n")]] * 2
+    assert len(sshd.sessions()) == 1
 
 
 def test_output_left_by_a_background_process_is_not_a_later_commands(
