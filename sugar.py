@@ -918,10 +918,7 @@ class _Execution:
         self.stopped = True
         self._signal("TERM")
         _close(self.channel)
-        try:
-            self.cxn.close()
-        except (OSError, paramiko.SSHException, EOFError):
-            pass
+        _close(self.cxn)
 
     def _signal(self, name):
         """Send signal *name* to the command's process group over a channel
@@ -966,8 +963,12 @@ class _Execution:
 # group.  The loop's own messages (job notices) go nowhere; the commands'
 # stderr is its fd 3.  Input that ends before the token line runs nothing.
 _SHELL_LOOP = r"""n=${SHELL:-/bin/sh}
-case $n in */*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};; esac
-if [ -n "$BASH_VERSION" ]; then set -m; r=; else command -v setsid >/dev/null || exit 1; r=setsid; fi
+case $n in
+*/*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};;
+esac
+if [ -n "$BASH_VERSION" ]; then set -m; r=
+else command -v setsid >/dev/null || exit 1; r=setsid
+fi
 exec 3>&2 2>/dev/null
 p=
 trap '[ -z "$p" ] || kill -TERM "-$p"' USR1
@@ -990,10 +991,12 @@ printf '%s\n' "$t" >&3; printf '%s %s\n' "$t" "$s"
 done"""
 
 
-def _close(channel):
-    """Close *channel*, even when its connection is going away."""
+def _close(closable):
+    """Close a channel or a connection, even when the connection is going
+    away.
+    """
     try:
-        channel.close()
+        closable.close()
     except (OSError, paramiko.SSHException, EOFError):
         pass
 
@@ -1070,8 +1073,7 @@ class _Shell:
     (no new process, environment or login shell for the session, which is
     most of a command's cost on the client), only the login shell that
     runs it.  The run using it holds its `_Kept`'s ``shell_lock``; it is
-    `new` until its first answer.  Its process id leads the session's process group, so a time
-    limit or a stop ends the shell with the command.
+    `new` until its first answer.
     """
 
     def __init__(self, channel):
@@ -1890,7 +1892,8 @@ class _Job:
 
     def results(self):
         """The Results of the clients done so far, in registry order."""
-        return [_not_started(f.client, self.record["command"])
+        return [_interrupted(f.client, self.record["command"],
+                             "not started: the server shut down")
                 if f.cancelled() else f.result()
                 for f in self.futures if f.done()]
 
@@ -1902,18 +1905,11 @@ class _Job:
         return record
 
 
-def _not_started(client, command):
+def _interrupted(client, command, error):
+    """An ``interrupted`` Result for *client*, saying *error*."""
     result = Result(client, command)
     result.status = "interrupted"
-    result.error = "not started: the server shut down"
-    return result
-
-
-def _cut_short(client, command):
-    """The Result a crash leaves for *client*."""
-    result = Result(client, command)
-    result.status = "interrupted"
-    result.error = "the server stopped before the result was known"
+    result.error = error
     return result
 
 
@@ -3086,7 +3082,9 @@ class Server:
             # Stored as if cut short, so that after a crash the job still
             # lists its clients and a rerun finds them.
             self.jobs.save(dict(record, clients=[
-                _cut_short(client, command).as_dict() for client in clients]))
+                _interrupted(client, command, "the server stopped before the "
+                             "result was known").as_dict()
+                for client in clients]))
             logger.info("job %d: %s (authorised) runs %r on %d clients",
                         job.id, requester, command, len(entries))
             job.start([self._submit(client, entry, stale, record, script)
