@@ -1334,6 +1334,27 @@ class _Pool:
                 self._retire(kept)
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges what it receives at once.
+
+    SSH takes turns, and sshd leaves Nagle's algorithm on for sessions
+    without a terminal: when it answers with two packets in a row (after
+    authentication: its host keys notice, then the channel's
+    confirmation), the second waits for our acknowledgement of the first,
+    which Linux delays by 40 ms.  That stall is most of a new
+    connection's time, and it held a handshake place idle.  Linux leaves
+    quick-acknowledgement mode on its own, so it is set after every read.
+    """
+
+    def recv(self, size, *flags):
+        data = super().recv(size, *flags)
+        self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return data
+
+
 class _Transport(paramiko.Transport):
     """paramiko's transport, preferring AES-GCM when sshd offers it: one
     call into OpenSSL per packet, where AES-CTR adds an HMAC computed
@@ -1523,14 +1544,16 @@ class Client:
                     cxn.close()
 
     def _dial(self):
-        """A TCP connection to the client's sshd, sending small packets
-        at once: SSH takes turns, and Nagle's algorithm with the peer's
-        delayed acknowledgements would hold each turn back tens of ms.
+        """A TCP connection to the client's sshd that sends small packets
+        at once and acknowledges at once (see `_QuickAckSocket`).
         """
         sock = socket.create_connection((self.host, self.port),
                                         self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        if _QUICKACK is None:
+            return sock
+        return _QuickAckSocket(sock.family, sock.type, sock.proto,
+                               fileno=sock.detach())
 
     def _work(self, kept, cxn, command, timeout, result, entry, script):
         """Run on the open *cxn* (kept in the pool as *kept*, or None); a

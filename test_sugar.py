@@ -2424,6 +2424,21 @@ def test_a_warm_run_reuses_the_connection(server, make_sshd):
     assert server.server.pool.size() == 1
 
 
+def test_connections_send_and_acknowledge_small_packets_at_once(
+        server, make_sshd):
+    # Without both, each new connection stalls 40 ms on sshd's Nagle
+    # algorithm and our delayed acknowledgement (see _QuickAckSocket).
+    sshd = make_sshd()
+    server.register(sshd)
+
+    server.run_json("true")
+
+    [kept] = server.server.pool._kept.values()
+    sock = kept.cxn.transport.sock
+    assert isinstance(sock, sugar._QuickAckSocket)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
 def test_warm_runs_go_to_the_shell_kept_on_the_connection(server, make_sshd):
     sshd = make_sshd()
     server.register(sshd)
