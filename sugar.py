@@ -955,19 +955,25 @@ class _Execution:
 # token line, answers it on both streams (with its process id on stdout),
 # reads the command's lines up to the token line again, runs the command
 # as sshd would, with the user's login shell (the same program, called by
-# the same name when PATH finds it), with no input, in a process group of
-# its own, then writes the token and the exit status.  Under bash, job
-# control gives the command its group; other shells need setsid
-# (util-linux or BusyBox), which gives it a session too, and give up at
-# once without it.  USR1 and USR2 pass TERM and KILL on to the command's
-# group.  The loop's own messages (job notices) go nowhere; the commands'
-# stderr is its fd 3.  Input that ends before the token line runs nothing.
+# the same name), with no input, in a process group of its own, then
+# writes the token and the exit status.  Under bash, job control gives
+# the command its group and `exec -a` the name, with no process spent on
+# looking the shell up; other shells need setsid (util-linux or BusyBox),
+# which gives it a session too, and give up at once without it, and call
+# the shell by its name when PATH finds it.  USR1 and USR2 pass TERM and
+# KILL on to the command's group.  The loop's own messages (job notices)
+# go nowhere; the commands' stderr is its fd 3.  Input that ends before
+# the token line runs nothing.
 _SHELL_LOOP = r"""n=${SHELL:-/bin/sh}
+if [ -n "$BASH_VERSION" ]; then
+set -m
+run() { exec -a "${n##*/}" "$n" -c "$c"; }
+else
+command -v setsid >/dev/null || exit 1
 case $n in
 */*) [ "$(command -v "${n##*/}")" -ef "$n" ] 2>/dev/null && n=${n##*/};;
 esac
-if [ -n "$BASH_VERSION" ]; then set -m; r=
-else command -v setsid >/dev/null || exit 1; r=setsid
+run() { exec setsid "$n" -c "$c"; }
 fi
 exec 3>&2 2>/dev/null
 p=
@@ -982,7 +988,7 @@ if [ -n "$f" ]; then c=$l f=; else c="$c
 $l"; fi
 done
 [ -z "$e" ] || exit 0
-$r "$n" -c "$c" </dev/null 2>&3 3>&- &
+run </dev/null 2>&3 3>&- &
 p=$!
 wait "$p"; s=$?
 while kill -0 "$p" 2>/dev/null; do wait "$p"; s=$?; done
