@@ -2265,7 +2265,9 @@ def test_a_shell_and_a_python_script_from_urls_run_everywhere(
         "/run", {"Accept": "application/json"},
         url=script_site + "report.py")[2])
 
-    for client, sshd in zip(shell["clients"], fleet):
+    # Results come in registry order: by address, as text.
+    by_address = sorted(fleet, key=lambda sshd: sshd.ip)
+    for client, sshd in zip(shell["clients"], by_address):
         assert (client["status"], client["exit_code"], client["stdout"]) == (
             "failed", 3, "shell on %s with 3 args\n[one]\n[two words]\n"
             "[it's]\n" % sshd.ip)
