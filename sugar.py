@@ -1440,11 +1440,13 @@ class Client:
             options.update(key_filename=[self.ssh_key], look_for_keys=False,
                            allow_agent=False)
         # A Config of its own: Fabric writes into the one it is given.  An
-        # empty SSH config: the registry, not ~/.ssh/config, says where and
-        # how to connect.
+        # empty SSH config and no Fabric config files (lazy): the registry,
+        # not ~/.ssh/config nor ~/.fabric.yaml, says where and how to
+        # connect, and not looking for those files spares each new
+        # connection a tenth of a millisecond.
         cxn = fabric.Connection(
             self.host, user=self.username, port=self.port,
-            config=fabric.Config(ssh_config=paramiko.SSHConfig()),
+            config=fabric.Config(ssh_config=paramiko.SSHConfig(), lazy=True),
             connect_kwargs=options)
         # Fabric's own policy accepts any host key; ours checks it.
         cxn.client.set_missing_host_key_policy(
