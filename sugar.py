@@ -1357,7 +1357,8 @@ class _QuickAckSocket(socket.socket):
 
     def recv(self, size, *flags):
         data = super().recv(size, *flags)
-        self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if data:
+            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data
 
 
