@@ -2470,6 +2470,29 @@ def test_a_command_that_ends_the_kept_shell_is_an_error_then_runs_go_on(
     assert ran.read_text() == "1\n2\n"
 
 
+def test_a_kept_shell_killed_while_a_process_it_left_runs_is_an_error(
+        server, make_sshd):
+    # The background sleep holds the channel open after the kept shell is
+    # gone; sshd's exit status tells Sugar the shell ended.
+    sshd = make_sshd()
+    server.register(sshd)
+    server.run_json("sleep 301.7 &")
+    try:
+        [killed] = json.loads(server.post(
+            "/run", {"Accept": "application/json"},
+            command="kill -KILL $PPID; echo after", timeout="60")[2])[
+                "clients"]
+        after = server.run_json("echo next")
+    finally:
+        for pid in sleeping("301.7"):
+            os.kill(pid, signal.SIGKILL)
+
+    assert (killed["status"], killed["error"]) == (
+        "error", "the command ended without an exit code")
+    assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
+        ("ok", "next\n")]
+
+
 def test_a_login_shell_that_cannot_keep_a_shell_gets_a_channel_per_run(
         server, make_sshd, tmp_path, caplog):
     # sshd hands every command to this program, which, like csh or fish,
