@@ -104,6 +104,10 @@ DEFAULT_IDLE_CLOSE = 300.0
 KEEPALIVE = 15
 READER_WAKEUP = 1.0
 KILL_AFTER = 2.0
+# Ids are at most 128 characters and addresses about 260; globs beyond
+# these many would make a target costly to match.
+MAX_PATTERN = 300
+MAX_GLOBS = 1000
 # Runs over connections already open cost little CPU: this many may go at
 # once, or WORKERS if that is more.
 WARM_WIDTH = 32
@@ -137,6 +141,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _USERNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
+_GLOB = re.compile(r"[*?[]")
 
 
 def _check_id(value):
@@ -447,10 +452,12 @@ def _age(stamp):
 
 
 def _parse_target(target):
-    """Split a target into ``(include patterns, exclude patterns)``."""
+    """Split a target into ``(include patterns, exclude patterns)``,
+    lower-cased.
+    """
     include, exclude = [], []
-    for pattern in target.split(","):
-        pattern = pattern.strip()
+    patterns = [pattern.strip().lower() for pattern in target.split(",")]
+    for pattern in patterns:
         if pattern.startswith("!"):
             exclude.append(pattern[1:])
         else:
@@ -459,13 +466,31 @@ def _parse_target(target):
             raise _BadField("target", (
                 "%r has an empty pattern; send comma-separated globs such "
                 "as web*,10.0.0.*,!web3" % target[:200]))
+        if len(pattern) > MAX_PATTERN:
+            raise _BadField("target", (
+                "pattern %r... is longer than %d characters, more than any "
+                "id or address; send shorter ones" % (pattern[:40],
+                                                      MAX_PATTERN)))
+    if sum(bool(_GLOB.search(pattern)) for pattern in patterns) > MAX_GLOBS:
+        raise _BadField("target", (
+            "more than %d patterns with *, ? or [; name the clients, or "
+            "send fewer and wider globs" % MAX_GLOBS))
     return include, exclude
 
 
-def _matches(entry, patterns):
-    names = (entry["id"], entry["host"].lower(), _address_of(entry).lower())
-    return any(fnmatch.fnmatchcase(name, pattern.lower())
-               for pattern in patterns for name in names)
+def _matcher(patterns):
+    """A test of whether an entry's id, host or address matches one of
+    *patterns*: names looked up in a set, globs in one regular expression.
+    """
+    names = {pattern for pattern in patterns if not _GLOB.search(pattern)}
+    globs = [pattern for pattern in patterns if _GLOB.search(pattern)]
+    regex = globs and re.compile("|".join(map(fnmatch.translate, globs)))
+
+    def matches(entry):
+        return any(name in names or (regex and regex.match(name))
+                   for name in (entry["id"], entry["host"].lower(),
+                                _address_of(entry).lower()))
+    return matches
 
 
 def _select(entries, target):
@@ -476,10 +501,10 @@ def _select(entries, target):
     if target is None:
         return entries, []
     include, exclude = _parse_target(target)
+    included, excluded = _matcher(include), _matcher(exclude)
     chosen = [e for e in entries
-              if (not include or _matches(e, include))
-              and not _matches(e, exclude)]
-    wanted = {pattern.lower() for pattern in include}
+              if (not include or included(e)) and not excluded(e)]
+    wanted = set(include)
     named = [e["id"] for e in chosen
              if {e["id"], e["host"].lower(), _address_of(e).lower()} & wanted]
     return chosen, named
@@ -722,6 +747,12 @@ def _describe_connect_error(exc, client, timeout, spoke):
                 where, exc.expected_key.get_name(),
                 exc.expected_key.fingerprint, exc.key.get_name(),
                 exc.key.fingerprint))
+    if isinstance(exc, paramiko.SSHException) and \
+            str(exc) == "No authentication methods available":
+        return "auth", (
+            "the server has no SSH key to log in to %s@%s with; set SSH_KEY, "
+            "or create one with ssh-keygen -t ed25519, and give it to the "
+            "client (ssh-copy-id)" % (client.username, where))
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         exc = next(iter(exc.errors.values()))
     if isinstance(exc, socket.gaierror):
@@ -1101,6 +1132,11 @@ def _parse_hostkey(line, field="hostkey"):
     try:
         key = paramiko.PKey.from_type_string(
             parts[0], base64.b64decode(parts[1], validate=True))
+    except paramiko.pkey.UnknownKeyType:
+        raise _BadField(field, (
+            "key type %r is not one Sugar can check; send the content of "
+            "/etc/ssh/ssh_host_ed25519_key.pub (or an ecdsa or rsa host "
+            "key)" % parts[0][:60])) from None
     except (IndexError, ValueError, TypeError, paramiko.SSHException,
             binascii.Error):
         raise _BadField(field, (
@@ -1138,11 +1174,7 @@ class _Script:
         self.source = source
         self.args = args
         self.sha256 = hashlib.sha256(content).hexdigest()
-        try:
-            self.argv = shlex.split(args)
-        except ValueError as exc:
-            raise _BadField("args", "%r is not a shell-quoted list of "
-                            "arguments (%s)" % (args[:100], exc)) from None
+        self.argv = _parse_args(args)
 
     @classmethod
     def from_record(cls, record):
@@ -1171,6 +1203,36 @@ class _Script:
             interpreter = first[2:].decode("utf-8", "replace").split(None, 1)
             interpreter[-1] = interpreter[-1].strip()
         return shlex.join(interpreter + [path] + self.argv)
+
+
+def _parse_args(args):
+    """The words of the shell-quoted *args*, else _BadField."""
+    try:
+        return shlex.split(args)
+    except ValueError as exc:
+        raise _BadField("args", "%r is not a shell-quoted list of "
+                        "arguments (%s)" % (args[:100], exc)) from None
+
+
+def _check_url(url):
+    """Raise _BadField unless *url* is an http or https URL Sugar can
+    fetch: with a host, a port that can be, and no user or password (the
+    download would take them for part of the host name).
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        raise _BadField("url", "%r is not a URL (%s)" % (url[:200], exc)) \
+            from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname \
+            or any(c in url for c in " \0\r\n"):
+        raise _BadField("url", "%r is not an http or https URL"
+                        % url[:200])
+    if parts.username is not None or parts.password is not None:
+        raise _BadField("url", "a user or password in the URL is not "
+                        "supported; serve the script without one, or upload "
+                        "it (curl -F script=@file)")
 
 
 def _download(url, limit, timeout):
@@ -2012,6 +2074,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """Answers the HTTP API; the `Server` is ``self.server.sugar``."""
 
     protocol_version = "HTTP/1.1"
+    # Every answer, even to a request line that is not HTTP, has a status
+    # line and headers (http.server would answer those as HTTP/0.9).
+    default_request_version = "HTTP/1.0"
     server_version = "Sugar"
     open_paths = ("/register", "/pubkey")
     _watchdog = None
@@ -2039,6 +2104,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self._disarm()
+
+    def parse_request(self):
+        # A request line without a version (HTTP/0.9) has no headers to
+        # wait for: refuse it at once.
+        if len(self.raw_requestline.split()) == 2:
+            self.command, self.request_version = None, \
+                self.default_request_version
+            self.requestline = str(self.raw_requestline,
+                                   "iso-8859-1").rstrip("\r\n")
+            self.send_error(400, "the request line has no HTTP version; "
+                            "send HTTP/1.1 (as curl does)")
+            return False
+        return super().parse_request()
 
     def _arm(self):
         """Cut the connection unless the request is read in time."""
@@ -2074,6 +2152,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Answer every error, ours or http.server's, as one line."""
+        if code == 501:
+            message = ("method %r is not one Sugar answers; use GET, POST "
+                       "or DELETE (GET / lists the endpoints)"
+                       % str(self.command)[:40])
         self._reply(code, message or self.responses[code][0],
                     {"Connection": "close"})
 
@@ -2203,12 +2285,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             presented.encode("utf-8"), expected.encode("utf-8"))
 
     def _refuse_body(self):
-        """413 for a body on a request that takes none."""
+        """400 for a body on a request that takes none."""
         if self.headers["Content-Length"] not in (None, "0") or \
                 self.headers["Transfer-Encoding"]:
-            raise _HTTPProblem(413, "%s %s takes no body" % (
-                self.command, urllib.parse.urlsplit(self.path).path[:200]),
-                {"Connection": "close"})
+            raise _HTTPProblem(400, "%s %s takes no body; send it without "
+                               "one" % (self.command, urllib.parse.urlsplit(
+                                   self.path).path[:200]),
+                               {"Connection": "close"})
 
     def _read_query(self, allowed):
         """The query string as a dict; 400 for an unknown or repeated name."""
@@ -2235,7 +2318,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(400, "Content-Length %r is not a count of "
                                "bytes; send the body's length"
                                % length[:40], {"Connection": "close"})
-        kind = (self.headers["Content-Type"] or "").split(";")[0].strip()
+        kind = (self._header("Content-Type") or "").split(";")[0].strip()
         kind = kind.lower()
         multipart = kind == "multipart/form-data" and "script" in allowed
         most = MAX_BODY + (self.server.sugar.max_script if multipart else 0)
@@ -2274,6 +2357,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         form, self._upload_name = {}, None
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
+            if name is None:
+                raise _HTTPProblem(400, "a part of the body has no field "
+                                   "name; send the fields as with curl -F "
+                                   "name=value")
             if name not in allowed:
                 raise _HTTPProblem(400, "field %r is unknown; this endpoint "
                                    "takes %s" % (str(name)[:40],
@@ -2434,7 +2521,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             command, ids, timeout, script = self._rerun(form, timeout)
         elif sources:
             command = form[sources[0]]
-            script = self._script(form, sources[0])
+            try:
+                script = self._script(form, sources[0])
+            except _BadField as exc:
+                raise _HTTPProblem(400, str(exc)) from None
             if script is None:
                 command = _command(form)
         else:
@@ -2503,23 +2593,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                    "'script'")
             return None
         if source == "url":
-            url = form["url"]
-            if urllib.parse.urlsplit(url).scheme.lower() not in (
-                    "http", "https") or any(c in url for c in " \0\r\n"):
-                raise _HTTPProblem(400, "field 'url': %r is not an http or "
-                                   "https URL" % url[:200])
+            name = form["url"]
+            _check_url(name)
+            _parse_args(form.get("args", ""))
             if sugar.require_sha256 and not digest:
                 raise _HTTPProblem(400, "field 'sha256' is missing; this "
                                    "server runs scripts from URLs only with "
                                    "their digest (REQUIRE_SHA256)")
-            # Answers, logs and jobs show the URL without any password.
-            name = re.sub(r"//[^/@]*@", "//", url)
             try:
-                content = _download(url, sugar.max_script, DOWNLOAD_TIMEOUT)
+                content = _download(name, sugar.max_script, DOWNLOAD_TIMEOUT)
             except ValueError as exc:
                 raise _HTTPProblem(502, "could not fetch %r: %s; nothing "
-                                   "ran" % (name[:200], str(exc).replace(
-                                       url, name))) from None
+                                   "ran" % (name[:200], exc)) from None
         else:
             # The name only labels logs and jobs: keep it one plain word.
             content = form["script"]
@@ -2528,10 +2613,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not content:
             raise _HTTPProblem(400, "the script from %r is empty; nothing "
                                "ran" % name[:200])
-        try:
-            script = _Script(content, name, form.get("args", ""))
-        except _BadField as exc:
-            raise _HTTPProblem(400, str(exc)) from None
+        script = _Script(content, name, form.get("args", ""))
         if digest and digest != script.sha256:
             raise _HTTPProblem(409, "the script from %r has sha256 %s, not "
                                "%s as asked; nothing ran" % (

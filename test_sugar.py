@@ -659,6 +659,21 @@ def test_library_client_runs_a_command_and_logs_it(tmp_path, user_key,
             "--- stderr ---\nresult: exit code 0\n" in log.read()
 
 
+def test_a_server_without_any_ssh_key_says_so_for_each_client(
+        tmp_path, make_sshd, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    sshd = make_sshd()
+    client = sugar.Client(sshd.address, USER, log_dir=str(tmp_path))
+
+    result = client.run_command("true")
+
+    assert (result.status, result.error) == ("auth", (
+        "the server has no SSH key to log in to %s@%s port %d with; set "
+        "SSH_KEY, or create one with ssh-keygen -t ed25519, and give it to "
+        "the client (ssh-copy-id)" % (USER, sshd.ip, sshd.port)))
+
+
 def test_log_file_names_stay_inside_the_log_folder():
     assert sugar._log_name("::1") == "__1.txt"
     assert sugar._log_name("[fe80::1]:2222") == "_fe80__1__2222.txt"
@@ -738,7 +753,7 @@ def test_invalid_content_length_is_400(server):
 
 @pytest.mark.parametrize("name, value", [
     ("Content-Length", b"9"), ("Idempotency-Key", b"deploy-2"),
-    ("Authorization", b"Bearer wrong")])
+    ("Authorization", b"Bearer wrong"), ("Content-Type", b"text/plain")])
 def test_a_header_given_twice_is_400(server, name, value):
     with socket.create_connection((server.host, server.port)) as sock:
         sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Type: "
@@ -751,6 +766,40 @@ def test_a_header_given_twice_is_400(server, name, value):
     assert answer.startswith("HTTP/1.1 400 ")
     assert answer.endswith("\r\n\r\nheader %r is given more than once; "
                            "send it once\n" % name)
+
+
+@pytest.mark.parametrize("line, status, message", [
+    (b"GET /", 400, "the request line has no HTTP version; send HTTP/1.1 "
+     "(as curl does)"),
+    (b"HELLO", 400, "Bad request syntax ('HELLO')"),
+    (b"FOO / HTTP/1.1", 501, "method 'FOO' is not one Sugar answers; use "
+     "GET, POST or DELETE (GET / lists the endpoints)")])
+def test_a_request_line_sugar_cannot_take_gets_a_status_and_one_line(
+        server, line, status, message):
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(line + b"\r\n\r\n")
+        answer = sock.makefile("rb").read().decode()
+
+    assert answer.startswith("HTTP/1.1 %d " % status)
+    assert answer.endswith("\r\n\r\n%s\n" % message)
+
+
+def test_a_body_on_a_request_that_takes_none_is_400(server):
+    status, _, body = server.request("GET", "/clients", b"x=1", FORM)
+
+    assert (status, body) == (400, "GET /clients takes no body; send it "
+                              "without one\n")
+
+
+def test_a_multipart_part_without_a_name_is_400(server):
+    body = (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n"
+            b"--b--\r\n")
+    status, _, answer = server.request("POST", "/run", body, {
+        "Content-Type": "multipart/form-data; boundary=b"})
+
+    assert (status, answer) == (400, "a part of the body has no field name; "
+                                "send the fields as with curl -F "
+                                "name=value\n")
 
 
 @pytest.mark.parametrize("method, path, body, message", [
@@ -1771,6 +1820,17 @@ def test_a_bad_hostkey_field_is_400(server):
         "key line; send the content of /etc/ssh/ssh_host_ed25519_key.pub\n"))
 
 
+def test_a_hostkey_of_a_type_sugar_cannot_check_is_400(server):
+    status, _, body = server.post("/register", id="m",
+                                  hostkey="ssh-dss AAAAB3NzaC1kc3M=")
+
+    assert (status, body) == (400, (
+        "field 'hostkey': key type 'ssh-dss' is not one Sugar can check; "
+        "send the content of /etc/ssh/ssh_host_ed25519_key.pub (or an ecdsa "
+        "or rsa host key)\n"))
+    assert server.request("GET", "/clients/m")[0] == 404
+
+
 def test_ssh_key_alone_is_offered_despite_a_crowded_agent(
         server, make_sshd, tmp_path, monkeypatch):
     socket_path = str(tmp_path / "agent.sock")
@@ -1968,7 +2028,8 @@ def test_a_killed_server_keeps_every_answered_registration(
             try:
                 status, _ = http_post(port, "/register", {"id": machine},
                                       timeout=5)
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # The kill cut this request, perhaps mid-answer.
                 return
             if status == 201:
                 answered.append(machine)
@@ -2344,6 +2405,29 @@ def test_bad_script_urls_are_refused_and_nothing_runs(
     assert server.log_files() == []
 
 
+def test_script_urls_that_cannot_be_fetched_as_written_are_400(
+        server, make_sshd):
+    server.register(make_sshd())
+
+    answers = [server.post("/run", url=url, **fields)[0::2] for url, fields
+               in [("http://[::1", {}), ("http://127.0.0.1:99999/x.sh", {}),
+                   ("http://user:secret@127.0.0.1:1/x.sh", {}),
+                   ("http:///x.sh", {}),
+                   ("http://127.0.0.1:1/x.sh", {"args": "'open"})]]
+
+    assert answers == [
+        (400, "field 'url': 'http://[::1' is not a URL (Invalid IPv6 URL)\n"),
+        (400, "field 'url': 'http://127.0.0.1:99999/x.sh' is not a URL "
+         "(Port out of range 0-65535)\n"),
+        (400, "field 'url': a user or password in the URL is not supported; "
+         "serve the script without one, or upload it (curl -F "
+         "script=@file)\n"),
+        (400, "field 'url': 'http:///x.sh' is not an http or https URL\n"),
+        (400, "field 'args': \"'open\" is not a shell-quoted list of "
+         "arguments (No closing quotation)\n")]
+    assert server.log_files() == []
+
+
 def test_an_uploaded_script_runs(server, fleet, tmp_path):
     for sshd in fleet:
         server.register(sshd)
@@ -2693,6 +2777,14 @@ def test_odd_numbers_and_empty_targets_are_refused(server, make_sshd):
     assert server.post("/run", command="true", target="")[0::2] == (
         400, "field 'target': '' has an empty pattern; send comma-separated "
         "globs such as web*,10.0.0.*,!web3\n")
+    assert server.post("/run", command="true", target="[a-" * 101)[0::2] == (
+        400, "field 'target': pattern '[a-[a-[a-[a-[a-[a-[a-[a-[a-[a-[a-[a-"
+        "[a-['... is longer than 300 characters, more than any id or "
+        "address; send shorter ones\n")
+    assert server.post("/run", command="true", target=",".join(
+        "h%d*" % n for n in range(1001)))[0::2] == (
+        400, "field 'target': more than 1000 patterns with *, ? or [; name "
+        "the clients, or send fewer and wider globs\n")
     assert server.log_files() == []
 
 
