@@ -1440,6 +1440,33 @@ def _handle_channel_request(channel, message):
     paramiko.Channel._handle_request(channel, message)
 
 
+@functools.lru_cache(maxsize=8)
+def _read_private_key(path, stamp):
+    return paramiko.PKey.from_path(path)
+
+
+def _private_key(path):
+    """The private key at *path* (and its certificate, if any), read once
+    for as long as the file stays the same; None when it cannot be read.
+
+    paramiko would read it again, trying each key type in turn, for every
+    new connection (about 0.7 ms of CPU).
+    """
+    try:
+        stamps = []
+        for name in (path, path + "-cert.pub"):
+            try:
+                stat = os.stat(name)
+            except FileNotFoundError:
+                continue
+            stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        return _read_private_key(path, tuple(stamps))
+    except Exception:
+        # Whatever the reason (no file, a passphrase, an unknown type),
+        # paramiko is given the path and reports it as it connects.
+        return None
+
+
 def _kex_rank(name):
     """Post-quantum key exchanges first, then ECDH over NIST P-256."""
     return not (name.startswith(("mlkem", "sntrup"))
@@ -1536,8 +1563,12 @@ class Client:
             "transport_factory": _Transport,
         }
         if self.ssh_key:
-            options.update(key_filename=[self.ssh_key], look_for_keys=False,
-                           allow_agent=False)
+            key = _private_key(self.ssh_key)
+            options.update(look_for_keys=False, allow_agent=False)
+            if key:
+                options["pkey"] = key
+            else:
+                options["key_filename"] = [self.ssh_key]
         # A Config of its own: Fabric writes into the one it is given.  An
         # empty SSH config and no Fabric config files (lazy): the registry,
         # not ~/.ssh/config nor ~/.fabric.yaml, says where and how to

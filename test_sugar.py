@@ -675,6 +675,24 @@ def test_key_exchange_prefers_p256_and_falls_back_to_what_sshd_allows(
         "Kex: ecdh-sha2-nistp256", "Kex: curve25519-sha256@libssh.org"]
 
 
+def test_a_replaced_ssh_key_file_is_read_again(tmp_path, user_key,
+                                                make_sshd):
+    sshd = make_sshd()
+    key = str(tmp_path / "key")
+    shutil.copy(user_key, key)
+
+    def run():
+        return sugar.Client(sshd.address, USER, log_dir=str(tmp_path),
+                            ssh_key=key).run_command("true").status
+
+    first = run()
+    os.remove(key)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    key], check=True)
+
+    assert (first, run()) == ("ok", "auth")
+
+
 def test_a_server_without_any_ssh_key_says_so_for_each_client(
         tmp_path, make_sshd, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
