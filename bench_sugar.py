@@ -8,7 +8,8 @@ every connection new) and warm (the second run, over kept connections),
 for N = 200 and 50 hosts and WORKERS = 8 and 32, then ``seq 1 100000`` on
 50 hosts.  In the same run, ``peers.py`` times OpenSSH with xargs, Fabric's
 ThreadingGroup, a thread pool of Fabric connections and parallel-ssh on
-the same fleet, and measures the CPU of one SSH handshake and of one
+the same fleet, each round right after Sugar's (the machine is shared,
+and its speed drifts over minutes), and measures the CPU of one SSH handshake and of one
 command over an open connection, from which the lower bounds come:
 N x (client + server CPU) / cores.  It also measures /register requests
 per second with 50 concurrent callers (ab) beside a bare http.server, a
@@ -151,23 +152,41 @@ class Sugar(Api):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def time_sugar(folder, hosts, workers, command, runs, key):
-    """Medians of cold and warm /run, and RSS with every connection kept."""
-    cold, warm, memory = [], [], []
-    for _ in range(runs + 1):
-        sugar = Sugar(folder, workers, key)
-        try:
-            sugar.register(hosts)
-            before = sugar.rss()
-            cold.append(sugar.run(command))
-            warm.append(sugar.run(command))
-            memory.append((sugar.rss() - before) / len(hosts))
-        finally:
-            sugar.stop()
+def sugar_round(folder, hosts, workers, command, key):
+    """Sugar's cold and warm /run and RSS per kept connection, on a new
+    server.
+    """
+    sugar = Sugar(folder, workers, key)
+    try:
+        sugar.register(hosts)
+        before = sugar.rss()
+        cold = sugar.run(command)
+        warm = sugar.run(command)
+        return cold, warm, (sugar.rss() - before) / len(hosts)
+    finally:
+        sugar.stop()
         wait_idle(folder)
-    # The first round warms the machine's caches, as peers.py's warm-up.
-    return (statistics.median(cold[1:]), statistics.median(warm[1:]),
-            statistics.median(memory[1:]))
+
+
+def side_by_side(folder, hosts, workers, command, runs, key, out):
+    """Medians of Sugar's (cold, warm, memory) and of each peer's (cold,
+    warm) over *runs* rounds.  Each round times Sugar, then every peer
+    once, so that all see the shared machine in the same minutes; a first
+    round warms the machine's caches and is dropped.
+    """
+    ours, theirs = [], {}
+    for _ in range(runs + 1):
+        ours.append(sugar_round(folder, hosts, workers, command, key))
+        for tool, times in time_peers(folder, workers, command, out).items():
+            theirs.setdefault(tool, []).append(times)
+    ours = [statistics.median(r[i] for r in ours[1:]) for i in range(3)]
+
+    def median(values):
+        values = [v for v in values[1:] if v is not None]
+        return statistics.median(values) if values else None
+    return ours, {tool: (median([c for c, _ in times]),
+                         median([w for _, w in times]))
+                  for tool, times in theirs.items()}
 
 
 def wait_idle(fleet_dir, most=30):
@@ -181,11 +200,12 @@ def wait_idle(fleet_dir, most=30):
         time.sleep(0.2)
 
 
-def time_peers(fleet_dir, workers, command, runs, out):
+def time_peers(fleet_dir, workers, command, out):
+    """Each peer's (cold, warm) seconds for one fan-out."""
     path = os.path.join(out, "peers-%d-%s.json" % (workers, command[:3]))
     subprocess.run([sys.executable, os.path.join(SHARED, "peers.py"),
-                    "--dir", fleet_dir, "-W", str(workers), "--runs",
-                    str(runs), "--tools", PEERS, "--json", path,
+                    "--dir", fleet_dir, "-W", str(workers), "--runs", "1",
+                    "--warmup", "0", "--tools", PEERS, "--json", path,
                     "--run-timeout", "120"] +
                    command.split(), check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -374,9 +394,8 @@ def main():
                 commands.append(("seq 1 100000", 8))
             for command, workers in commands:
                 runs = args.runs if command == "true" else args.seq_runs
-                cold, warm, memory = time_sugar(
-                    args.fleet, hosts, workers, command, runs, key)
-                peers = time_peers(args.fleet, workers, command, runs, out)
+                (cold, warm, memory), peers = side_by_side(
+                    args.fleet, hosts, workers, command, runs, key, out)
                 cores = os.cpu_count()
                 lines += ["", "N=%d WORKERS=%d `%s`" % (size, workers,
                                                         command), "",
