@@ -2439,9 +2439,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 body.decode("utf-8", "surrogateescape"),
                 keep_blank_values=True, strict_parsing=bool(body),
                 errors="surrogateescape", max_num_fields=len(allowed) + 1)
-        except ValueError:
+        except ValueError as exc:
+            if str(exc).startswith("Max number of fields"):
+                raise _HTTPProblem(400, "%s has too many fields; this "
+                                   "endpoint takes %s, each once" % (
+                                       where, ", ".join(allowed) or "none")) \
+                    from None
+            hint = ("; send a value holding &, + or % with curl "
+                    "--data-urlencode" if kind == "field" else "")
             raise _HTTPProblem(400, "%s is not a urlencoded form "
-                               "(name=value&name=value)" % where) from None
+                               "(name=value&name=value)%s" % (where, hint)) \
+                from None
         form = {}
         for name, value in pairs:
             try:

@@ -842,11 +842,20 @@ def test_a_multipart_part_without_a_name_is_400(server):
     ("POST", "/run", b"%ff=1", "the body has a name that is not valid "
      "UTF-8; send names and values in UTF-8"),
     ("POST", "/run", b"command", "the body is not a urlencoded form "
-     "(name=value&name=value)"),
+     "(name=value&name=value); send a value holding &, + or % with curl "
+     "--data-urlencode"),
+    ("POST", "/run", b"command=df -h / && date", "the body is not a "
+     "urlencoded form (name=value&name=value); send a value holding &, + "
+     "or % with curl --data-urlencode"),
     ("GET", "/jobs?target=%ff", None,
      "query 'target' is not valid UTF-8; send it in UTF-8"),
     ("GET", "/jobs?bogus", None, "the query string is not a urlencoded "
-     "form (name=value&name=value)")])
+     "form (name=value&name=value)"),
+    ("POST", "/register", b"&".join(b"id=%d" % n for n in range(20)),
+     "the body has too many fields; this endpoint takes id, address, "
+     "username, hostkey, token, each once"),
+    ("GET", "/clients?target=a&b=1&c=2", None, "the query string has too "
+     "many fields; this endpoint takes target, each once")])
 def test_a_form_that_is_not_utf8_or_not_urlencoded_is_400(
         server, method, path, body, message):
     status, _, answer = server.request(method, path, body, FORM)
