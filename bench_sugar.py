@@ -9,8 +9,9 @@ for N = 200 and 50 hosts and WORKERS = 8 and 32, then ``seq 1 100000`` on
 50 hosts.  In the same run, ``peers.py`` times OpenSSH with xargs, Fabric's
 ThreadingGroup, a thread pool of Fabric connections and parallel-ssh on
 the same fleet, each round right after Sugar's (the machine is shared,
-and its speed drifts over minutes), and measures the CPU of one SSH handshake and of one
-command over an open connection, from which the lower bounds come:
+and its speed drifts over minutes), and measures the CPU of one SSH
+handshake and of one command over an open connection, from which the
+lower bounds come:
 N x (client + server CPU) / cores.  It also measures /register requests
 per second with 50 concurrent callers (ab) beside a bare http.server, a
 run on 200 hosts while registrations go on, and the share of a warm run's

@@ -206,6 +206,10 @@ def _parse_address(value, field="address"):
     if len(value) > 253 + len("[]:65535"):
         raise _BadField(field, "%d characters is too long; a host name has "
                        "at most 253" % len(value))
+    if "://" in value:
+        raise _BadField(field, "%r is not a host name or IP address; send "
+                        "the host alone (web1.example.com, 10.0.0.5, "
+                        "web1:2222), not a URL" % value[:100])
     bracketed = re.match(r"\[([^\]]*)\](?::(.*))?\Z", value)
     if bracketed:
         host, port = bracketed.groups()
@@ -1128,6 +1132,11 @@ class _Shell:
 @functools.lru_cache(maxsize=1024)
 def _parse_hostkey(line, field="hostkey"):
     """The ``type base64`` of an SSH public key *line*, else _BadField."""
+    if len(line.strip().splitlines()) > 1:
+        raise _BadField(field, (
+            "holds %d lines; send one key line, such as the content of "
+            "/etc/ssh/ssh_host_ed25519_key.pub" % len(
+                line.strip().splitlines())))
     parts = line.split()
     try:
         key = paramiko.PKey.from_type_string(
@@ -1628,7 +1637,7 @@ class Client:
         finally:
             result.duration = time.monotonic() - clock
             entry.close(result.outcome)
-        logger.info("%s: %s: %s (%.2fs)", self.address, command,
+        logger.info("%s: %r: %s (%.2fs)", self.address, command,
                     result.outcome, result.duration)
         return result
 
@@ -2371,7 +2380,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         most = MAX_BODY + (self.server.sugar.max_script if multipart else 0)
         if int(length) > most:
             raise _HTTPProblem(413, "body of %s bytes is over the limit of "
-                               "%d bytes" % (length, most))
+                               "%d bytes (%s); send less" % (
+                                   length, most,
+                                   "MAX_SCRIPT for the script and 64 KiB "
+                                   "for the rest" if multipart else
+                                   "64 KiB for a form"))
         try:
             body = self.rfile.read(int(length))
         except OSError:
@@ -2434,10 +2447,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     @staticmethod
     def _parse_form(body, allowed, kind="field"):
         where = "the body" if kind == "field" else "the query string"
+        hint = (", and a value holding &, + or % with curl "
+                "--data-urlencode" if kind == "field" else "")
+        # An empty part (a trailing or doubled &) is harmless.
+        parts = [part for part in body.decode(
+            "utf-8", "surrogateescape").split("&") if part]
+        for part in parts:
+            if "=" not in part:
+                raise _HTTPProblem(400, "%s has %r without '='; send "
+                                   "name=value pairs%s" % (
+                                       where, part[:40], hint))
         try:
             pairs = urllib.parse.parse_qsl(
-                body.decode("utf-8", "surrogateescape"),
-                keep_blank_values=True, strict_parsing=bool(body),
+                "&".join(parts), keep_blank_values=True,
+                strict_parsing=bool(parts),
                 errors="surrogateescape", max_num_fields=len(allowed) + 1)
         except ValueError as exc:
             if str(exc).startswith("Max number of fields"):
@@ -2445,11 +2468,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                    "endpoint takes %s, each once" % (
                                        where, ", ".join(allowed) or "none")) \
                     from None
-            hint = ("; send a value holding &, + or % with curl "
-                    "--data-urlencode" if kind == "field" else "")
             raise _HTTPProblem(400, "%s is not a urlencoded form "
-                               "(name=value&name=value)%s" % (where, hint)) \
-                from None
+                               "(name=value&name=value)" % where) from None
         form = {}
         for name, value in pairs:
             try:
@@ -3277,8 +3297,9 @@ class Server:
                 _interrupted(client, command, "the server stopped before the "
                              "result was known").as_dict()
                 for client in clients]))
-            logger.info("job %d: %s (authorised) runs %r on %d clients",
-                        job.id, requester, command, len(entries))
+            logger.info("job %d: %s (authorised) runs %r on %d client%s",
+                        job.id, requester, command, len(entries),
+                        "s"[len(entries) == 1:])
             job.start([self._submit(client, entry, stale, record, script)
                        for client, (entry, stale) in zip(clients, entries)])
         return job

@@ -309,6 +309,21 @@ def test_readme_curl_lines_register_and_run_as_written(
     assert answer == "\n".join(expected) + "\n"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the README registers root")
+def test_readme_target_line_runs_in_an_interactive_shell(server, make_sshd):
+    # History expansion, on in an interactive bash, would take "!web3"
+    # in double quotes for an event and run nothing.
+    server.post("/register", id="web3", address=make_sshd().address)
+    line = readme_line('curl -u ":$TOKEN" \'server:9999/clients?target=')
+
+    shell = subprocess.run(
+        ["bash", "-i"], input=line.replace("server:9999", server.url) + "\n",
+        capture_output=True, text=True, env=dict(os.environ, TOKEN=TOKEN))
+
+    assert shell.stdout == ("target 'web*,!web3' matches no registered "
+                            "client\n")
+
+
 # ---------------------------------------------------------------------------
 # Registering
 # ---------------------------------------------------------------------------
@@ -762,7 +777,7 @@ def test_body_over_64_kib_is_413(server):
 
     assert status == 413
     assert body == ("body of 65544 bytes is over the limit of 65536 "
-                    "bytes\n")
+                    "bytes (64 KiB for a form); send less\n")
 
 
 def test_missing_content_length_is_411(server):
@@ -841,16 +856,16 @@ def test_a_multipart_part_without_a_name_is_400(server):
      "field 'command' is not valid UTF-8; send it in UTF-8"),
     ("POST", "/run", b"%ff=1", "the body has a name that is not valid "
      "UTF-8; send names and values in UTF-8"),
-    ("POST", "/run", b"command", "the body is not a urlencoded form "
-     "(name=value&name=value); send a value holding &, + or % with curl "
+    ("POST", "/run", b"command", "the body has 'command' without '='; "
+     "send name=value pairs, and a value holding &, + or % with curl "
      "--data-urlencode"),
-    ("POST", "/run", b"command=df -h / && date", "the body is not a "
-     "urlencoded form (name=value&name=value); send a value holding &, + "
-     "or % with curl --data-urlencode"),
+    ("POST", "/run", b"command=df -h / && date", "the body has ' date' "
+     "without '='; send name=value pairs, and a value holding &, + or % "
+     "with curl --data-urlencode"),
     ("GET", "/jobs?target=%ff", None,
      "query 'target' is not valid UTF-8; send it in UTF-8"),
-    ("GET", "/jobs?bogus", None, "the query string is not a urlencoded "
-     "form (name=value&name=value)"),
+    ("GET", "/jobs?bogus", None, "the query string has 'bogus' without "
+     "'='; send name=value pairs"),
     ("POST", "/register", b"&".join(b"id=%d" % n for n in range(20)),
      "the body has too many fields; this endpoint takes id, address, "
      "username, hostkey, token, each once"),
@@ -1861,6 +1876,35 @@ def test_a_bad_hostkey_field_is_400(server):
     assert (status, body) == (400, (
         "field 'hostkey': 'ssh-ed25519 not-base64!' is not an SSH public "
         "key line; send the content of /etc/ssh/ssh_host_ed25519_key.pub\n"))
+
+
+def test_a_hostkey_of_several_lines_is_400(server, make_sshd):
+    key = make_sshd().public_host_key()
+
+    status, _, body = server.post("/register", id="m",
+                                  hostkey=key + "\n" + key)
+
+    assert (status, body) == (400, (
+        "field 'hostkey': holds 2 lines; send one key line, such as the "
+        "content of /etc/ssh/ssh_host_ed25519_key.pub\n"))
+    assert server.request("GET", "/clients/m")[0] == 404
+
+
+def test_a_url_as_address_is_400(server):
+    status, _, body = server.post("/register", id="m",
+                                  address="http://127.0.0.1")
+
+    assert (status, body) == (400, (
+        "field 'address': 'http://127.0.0.1' is not a host name or IP "
+        "address; send the host alone (web1.example.com, 10.0.0.5, "
+        "web1:2222), not a URL\n"))
+
+
+def test_a_trailing_or_doubled_ampersand_is_harmless(server):
+    status, _, body = server.request("POST", "/register",
+                                     b"id=amp&&address=127.0.0.9&", FORM)
+
+    assert (status, body) == (201, "added client amp at 127.0.0.9 as root\n")
 
 
 def test_a_hostkey_of_a_type_sugar_cannot_check_is_400(server):
