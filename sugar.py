@@ -1925,22 +1925,26 @@ class _JobStore:
     ``next`` (the next job id), ``oldest`` (the oldest id maybe still kept)
     and ``key:<Idempotency-Key>`` entries (``(job id, fingerprint,
     time)``).  Records still ``running`` when the store is opened were cut
-    short by a crash and are marked ``interrupted``.
+    short by a crash and are marked ``interrupted``; `cut_short` lists
+    them, oldest first.
     """
 
     def __init__(self, path, keep):
         self.keep = keep
         self._lock = threading.Lock()
         self._shelf = _open_shelf(path, "JOBS")
-        self._mark_interrupted()
+        self.cut_short = self._mark_interrupted()
 
     def _mark_interrupted(self):
+        marked = []
         for key in list(self._shelf.keys()):
             if key.isdigit() and self._shelf[key]["state"] == "running":
                 record = self._shelf[key]
                 record["state"] = "interrupted"
                 self._shelf[key] = record
+                marked.append(record)
         self._shelf.sync()
+        return sorted(marked, key=lambda record: record["id"])
 
     def new_id(self):
         with self._lock:
@@ -2162,6 +2166,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._disarm()
 
     def parse_request(self):
+        # A TLS handshake on a plain HTTP port: say so, without echoing it.
+        if self.raw_requestline.startswith(b"\x16\x03"):
+            self.command, self.request_version = None, \
+                self.default_request_version
+            self.requestline = "(a TLS handshake)"
+            self.send_error(400, "this port speaks plain HTTP, not HTTPS; "
+                            "use http://, or start Sugar with TLS_CERT and "
+                            "TLS_KEY")
+            return False
         # A request line without a version (HTTP/0.9) has no headers to
         # wait for: refuse it at once.
         if len(self.raw_requestline.split()) == 2:
@@ -2289,9 +2302,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if pattern not in self.open_paths and not self._authorised():
                 logger.info("%s refused %s %s: no valid API token",
                             self.address_string(), self.command, path[:200])
-                raise _HTTPProblem(401, "this needs the API token; send it "
-                                   "as Authorization: Bearer TOKEN, or with "
-                                   "curl -u :TOKEN", _CHALLENGE)
+                raise _HTTPProblem(401, "%s; send it as Authorization: "
+                                   "Bearer TOKEN, or with curl -u :TOKEN" % (
+                                       "the token sent is not the API token"
+                                       if self._sent_token() else
+                                       "this needs the API token"),
+                                   _CHALLENGE)
             if self.command in ("GET", "HEAD", "DELETE"):
                 self._refuse_body()
                 self._disarm()
@@ -2318,6 +2334,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPProblem(400, "header %r is given more than once; "
                                "send it once" % name, {"Connection": "close"})
         return values[0]
+
+    def _sent_token(self):
+        """Whether the request carries some Authorization."""
+        return bool((self._header("Authorization") or "").strip())
 
     def _presented_token(self):
         """The token in the Authorization header (bearer or basic), or None.
@@ -2516,9 +2536,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                 sugar.token.encode("utf-8"))
         if sugar.register_token and not admin and not self._has_register_token(
                 field, sugar.register_token):
-            raise _HTTPProblem(401, "registering needs the register token; "
-                               "send it as the field token or as "
-                               "Authorization: Bearer TOKEN", _CHALLENGE)
+            raise _HTTPProblem(401, "%s; send it as the field token or as "
+                               "Authorization: Bearer TOKEN" % (
+                                   "the token sent is not the register token"
+                                   if field is not None or self._sent_token()
+                                   else "registering needs the register "
+                                   "token"), _CHALLENGE)
         try:
             client_id = _check_id(_required(form, "id"))
             if "address" in form:
@@ -3204,6 +3227,10 @@ class Server:
         except BaseException:
             self.registry.close()
             raise
+        # A crash left these jobs' ends unrecorded in the registry.
+        for record in self.jobs.cut_short:
+            self.registry.note_runs(record["id"], [
+                Result.from_dict(client) for client in record["clients"]])
         self.pool = None if not pool else _Pool(idle_close, max(
             self.workers, _room_for_connections(self.width)))
         self._client_options = {

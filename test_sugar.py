@@ -822,7 +822,10 @@ def test_a_header_given_twice_is_400(server, name, value):
      "(as curl does)"),
     (b"HELLO", 400, "Bad request syntax ('HELLO')"),
     (b"FOO / HTTP/1.1", 501, "method 'FOO' is not one Sugar answers; use "
-     "GET, POST or DELETE (GET / lists the endpoints)")])
+     "GET, POST or DELETE (GET / lists the endpoints)"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "this port "
+     "speaks plain HTTP, not HTTPS; use http://, or start Sugar with "
+     "TLS_CERT and TLS_KEY")])
 def test_a_request_line_sugar_cannot_take_gets_a_status_and_one_line(
         server, line, status, message):
     with socket.create_connection((server.host, server.port)) as sock:
@@ -1659,8 +1662,12 @@ def test_running_needs_the_api_token(server, make_sshd, tmp_path):
 
     refusal = ("this needs the API token; send it as Authorization: Bearer "
                "TOKEN, or with curl -u :TOKEN\n")
+    refused = ("the token sent is not the API token; send it as "
+               "Authorization: Bearer TOKEN, or with curl -u :TOKEN\n")
+    assert [(status, body) for status, _, body in (
+        missing, wrong, wrong_basic)] == [
+            (401, refusal), (401, refused), (401, refused)]
     for status, headers, body in (missing, wrong, wrong_basic):
-        assert (status, body) == (401, refusal)
         assert headers.get_all("WWW-Authenticate") == [
             'Bearer realm="sugar"', 'Basic realm="sugar"']
     assert bearer[0] == with_basic[0] == 200
@@ -1729,7 +1736,10 @@ def test_register_token_is_required_when_set(tmp_path, user_key):
 
     refusal = ("registering needs the register token; send it as the field "
                "token or as Authorization: Bearer TOKEN\n")
-    assert none[0::2] == wrong[0::2] == (401, refusal)
+    assert none[0::2] == (401, refusal)
+    assert wrong[0::2] == (401, "the token sent is not the register token; "
+                           "send it as the field token or as Authorization: "
+                           "Bearer TOKEN\n")
     assert field[0] == header[0] == api[0] == 201
     assert sorted(ids) == ["a3", "a4", "a5"]
 
@@ -2157,6 +2167,8 @@ def test_a_killed_server_keeps_every_answered_registration(
     assert [(c["id"], c["status"], c["error"]) for c in job["clients"]] == [
         ("sleeper", "interrupted",
          "the server stopped before the result was known")]
+    assert [(c["last_run"]["job"], c["last_run"]["status"]) for c in clients
+            if c["id"] == "sleeper"] == [(1, "interrupted")]
     assert rerun == (202, "job 2 started on 1 client; see GET /jobs/2\n")
 
 
