@@ -411,7 +411,8 @@ def main():
                     lines.append("")
                     lines.append("sugar / lower bound: cold %.2f, warm %.2f"
                                  % (cold / bound, warm / warm_bound))
-                best = min(c for c, _ in peers.values())
+                # A peer that failed every round (timed out) has no time.
+                best = min(c for c, _ in peers.values() if c is not None)
                 warms = [w for _, w in peers.values() if w]
                 lines.append("sugar / fastest peer: cold %.2f%s" % (
                     cold / best, ", warm %.2f" % (warm / min(warms))
