@@ -492,9 +492,13 @@ def _matcher(patterns):
 
     def matches(entry):
         return any(name in names or (regex and regex.match(name))
-                   for name in (entry["id"], entry["host"].lower(),
-                                _address_of(entry).lower()))
+                   for name in _names(entry))
     return matches
+
+
+def _names(entry):
+    """The names a target matches an entry by: id, host and address."""
+    return entry["id"], entry["host"].lower(), _address_of(entry).lower()
 
 
 def _select(entries, target):
@@ -509,8 +513,7 @@ def _select(entries, target):
     chosen = [e for e in entries
               if (not include or included(e)) and not excluded(e)]
     wanted = set(include)
-    named = [e["id"] for e in chosen
-             if {e["id"], e["host"].lower(), _address_of(e).lower()} & wanted]
+    named = [e["id"] for e in chosen if wanted.intersection(_names(e))]
     return chosen, named
 
 
@@ -1132,11 +1135,11 @@ class _Shell:
 @functools.lru_cache(maxsize=1024)
 def _parse_hostkey(line, field="hostkey"):
     """The ``type base64`` of an SSH public key *line*, else _BadField."""
-    if len(line.strip().splitlines()) > 1:
+    lines = len(line.strip().splitlines())
+    if lines > 1:
         raise _BadField(field, (
             "holds %d lines; send one key line, such as the content of "
-            "/etc/ssh/ssh_host_ed25519_key.pub" % len(
-                line.strip().splitlines())))
+            "/etc/ssh/ssh_host_ed25519_key.pub" % lines))
     parts = line.split()
     try:
         key = paramiko.PKey.from_type_string(
@@ -2168,24 +2171,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def parse_request(self):
         # A TLS handshake on a plain HTTP port: say so, without echoing it.
         if self.raw_requestline.startswith(b"\x16\x03"):
-            self.command, self.request_version = None, \
-                self.default_request_version
-            self.requestline = "(a TLS handshake)"
-            self.send_error(400, "this port speaks plain HTTP, not HTTPS; "
-                            "use http://, or start Sugar with TLS_CERT and "
-                            "TLS_KEY")
-            return False
+            return self._refuse_request_line(
+                "(a TLS handshake)", "this port speaks plain HTTP, not "
+                "HTTPS; use http://, or start Sugar with TLS_CERT and "
+                "TLS_KEY")
         # A request line without a version (HTTP/0.9) has no headers to
         # wait for: refuse it at once.
         if len(self.raw_requestline.split()) == 2:
-            self.command, self.request_version = None, \
-                self.default_request_version
-            self.requestline = str(self.raw_requestline,
-                                   "iso-8859-1").rstrip("\r\n")
-            self.send_error(400, "the request line has no HTTP version; "
-                            "send HTTP/1.1 (as curl does)")
-            return False
+            return self._refuse_request_line(
+                str(self.raw_requestline, "iso-8859-1").rstrip("\r\n"),
+                "the request line has no HTTP version; send HTTP/1.1 (as "
+                "curl does)")
         return super().parse_request()
+
+    def _refuse_request_line(self, shown, message):
+        """Answer 400 with *message* before parsing the request; *shown*
+        stands for the request line in the server log.  False, as
+        `parse_request` returns for a request it did not take.
+        """
+        self.command, self.request_version = None, \
+            self.default_request_version
+        self.requestline = shown
+        self.send_error(400, message)
+        return False
 
     def _arm(self):
         """Cut the connection unless the request is read in time."""

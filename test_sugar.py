@@ -232,9 +232,10 @@ class Running:
         assert status in (200, 201), body
         return body
 
-    def run_json(self, command):
+    def run_json(self, command, **fields):
         status, _, body = self.post(
-            "/run", {"Accept": "application/json"}, command=command)
+            "/run", {"Accept": "application/json"}, command=command,
+            **fields)
         assert status == 200, body
         return json.loads(body)
 
@@ -2661,10 +2662,8 @@ def test_a_kept_shell_killed_while_a_process_it_left_runs_is_an_error(
     server.register(sshd)
     server.run_json("sleep 301.7 &")
     try:
-        [killed] = json.loads(server.post(
-            "/run", {"Accept": "application/json"},
-            command="kill -KILL $PPID; echo after", timeout="60")[2])[
-                "clients"]
+        [killed] = server.run_json("kill -KILL $PPID; echo after",
+                                   timeout="60")["clients"]
         after = server.run_json("echo next")
     finally:
         for pid in sleeping("301.7"):
@@ -2708,9 +2707,7 @@ def test_a_timeout_or_kill_0_in_the_kept_shell_spares_earlier_runs_processes(
     server.register(sshd)
     server.run_json("sleep 301.5 >/dev/null 2>&1 &")
     try:
-        [timed_out] = json.loads(server.post(
-            "/run", {"Accept": "application/json"}, command="sleep 30",
-            timeout="1")[2])["clients"]
+        [timed_out] = server.run_json("sleep 30", timeout="1")["clients"]
         killed = server.run_json("kill 0; echo never")
         leader = server.run_json("awk '{print $5 == $1}' /proc/$$/stat")
         left = sleeping("301.5")
