@@ -54,6 +54,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import email.errors
 import email.parser
 import email.policy
 import http.client
@@ -2226,12 +2227,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "TLS_KEY")
         # A request line without a version (HTTP/0.9) has no headers to
         # wait for: refuse it at once.
-        if len(self.raw_requestline.split()) == 2:
+        words = len(self.raw_requestline.split())
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if words == 2:
             return self._refuse_request_line(
-                str(self.raw_requestline, "iso-8859-1").rstrip("\r\n"),
-                "the request line has no HTTP version; send HTTP/1.1 (as "
-                "curl does)")
-        return super().parse_request()
+                line, "the request line has no HTTP version; send HTTP/1.1 "
+                "(as curl does)")
+        if words == 1:
+            return self._refuse_request_line(
+                line, "the request line %r is not a method, a path and an "
+                "HTTP version; send one such as GET / HTTP/1.1 (as curl "
+                "does)" % line[:40])
+        if not super().parse_request():
+            return False
+        # The email parser ends the headers at a line without a colon,
+        # dropping the rest (Content-Length among them).
+        if any(isinstance(defect,
+                          email.errors.MissingHeaderBodySeparatorDefect)
+               for defect in self.headers.defects):
+            self.close_connection = True
+            self.send_error(400, "a header line has no colon; send each "
+                            "header as Name: value")
+            return False
+        return True
 
     def _refuse_request_line(self, shown, message):
         """Answer 400 with *message* before parsing the request; *shown*
@@ -2347,7 +2365,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         try:
             path = self.path.partition("?")[0]
-            pattern, methods, arguments = self._route(path)
+            pattern, methods, arguments = self._route(
+                path.rstrip("/") or "/")
             if self.command == "HEAD" and "GET" in methods:
                 methods = dict(methods, HEAD=methods["GET"])
             if self.command not in methods:
@@ -2849,7 +2868,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 entries, _ = _select(entries, query["target"])
             except _BadField as exc:
-                raise _HTTPProblem(400, str(exc)) from None
+                raise _HTTPProblem(400, "query" + str(exc)[len("field"):]
+                                   ) from None
             if not entries:
                 raise _HTTPProblem(404, "target %r matches no registered "
                                    "client" % query["target"][:200])
@@ -2905,18 +2925,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                "from 1 to 100000" % limit[:40])
         sugar = self.server.sugar
         # Only a running job has results newer than its kept record.
-        records = [sugar.job(r["id"]).snapshot() if r["state"] == "running"
-                   else r for r in sugar.jobs.recent(int(limit))]
+        records, sizes = [], {}
+        for record in sugar.jobs.recent(int(limit)):
+            job = record["state"] == "running" and sugar.job(record["id"])
+            if job:
+                record = job.snapshot()
+                sizes[job.id] = len(job.futures)
+            records.append(record)
         summaries = [_job_summary(record) for record in records]
         if self._wants_json():
             self._reply_json(200, {"jobs": summaries})
-        else:
-            self._reply(200, "".join(
-                "%(id)d  %(state)s  %(started)s  %(recap)s  %(command)s\n"
-                % dict(s, recap=_recap(
-                    [Result.from_dict(c) for c in r["clients"]]
-                ).split("\n")[0]) for s, r in zip(summaries, records))
-                or "no jobs yet\n")
+            return
+        lines = []
+        for summary, record in zip(summaries, records):
+            results = [Result.from_dict(c) for c in record["clients"]]
+            recap = _recap(results).split("\n")[0]
+            if record["state"] == "running":
+                counts = recap.partition(": ")[2]
+                recap = "%d of %d clients done%s" % (
+                    len(results), sizes.get(summary["id"], len(results)),
+                    counts and ": " + counts)
+            lines.append("%d  %s  %s  %s  %s\n" % (
+                summary["id"], summary["state"], summary["started"], recap,
+                summary["command"]))
+        self._reply(200, "".join(lines) or "no jobs yet\n")
 
     def do_show_job(self, job_id):
         self._read_query(())
@@ -2966,8 +2998,11 @@ def _command(form):
 
 def _idempotency_key(key):
     if key is not None and not re.fullmatch(r"[!-~]{1,255}", key):
+        # http.server reads header bytes as Latin-1; curl sends UTF-8.
+        shown = key[:40].encode("latin-1", "replace").decode(
+            "utf-8", "replace")
         raise _HTTPProblem(400, "header 'Idempotency-Key': %r is not 1 to "
-                           "255 visible ASCII characters" % key[:40])
+                           "255 visible ASCII characters" % shown)
     return key
 
 

@@ -751,6 +751,18 @@ def test_addresses_are_parsed_in_every_form():
 # HTTP
 # ---------------------------------------------------------------------------
 
+def test_a_trailing_slash_names_the_same_path(server, make_sshd):
+    server.register(make_sshd(), "web1")
+
+    listed = server.request("GET", "/clients/")[0::2]
+    shown = server.request("GET", "/clients/web1/")[0::2]
+
+    assert listed == server.request("GET", "/clients")[0::2]
+    assert listed[0] == 200 and "web1" in listed[1]
+    assert shown == server.request("GET", "/clients/web1")[0::2]
+    assert shown[0] == 200
+
+
 def test_unknown_path_is_404_naming_it(server):
     status, _, body = server.request("GET", "/nope")
 
@@ -825,7 +837,8 @@ def test_a_header_given_twice_is_400(server, name, value):
 @pytest.mark.parametrize("line, status, message", [
     (b"GET /", 400, "the request line has no HTTP version; send HTTP/1.1 "
      "(as curl does)"),
-    (b"HELLO", 400, "Bad request syntax ('HELLO')"),
+    (b"HELLO", 400, "the request line 'HELLO' is not a method, a path and "
+     "an HTTP version; send one such as GET / HTTP/1.1 (as curl does)"),
     (b"FOO / HTTP/1.1", 501, "method 'FOO' is not one Sugar answers; use "
      "GET, POST or DELETE (GET / lists the endpoints)"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "this port "
@@ -839,6 +852,20 @@ def test_a_request_line_sugar_cannot_take_gets_a_status_and_one_line(
 
     assert answer.startswith("HTTP/1.1 %d " % status)
     assert answer.endswith("\r\n\r\n%s\n" % message)
+
+
+def test_a_header_line_without_a_colon_is_400(server):
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                     b"Bearer %s\r\nNo colon here\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: "
+                     b"9\r\n\r\ncommand=:" % TOKEN.encode())
+        answer = sock.makefile("rb").read().decode()
+
+    assert answer.startswith("HTTP/1.1 400 ")
+    assert answer.endswith("\r\n\r\na header line has no colon; send each "
+                           "header as Name: value\n")
+    assert server.request("GET", "/jobs")[2] == "no jobs yet\n"
 
 
 def test_a_body_on_a_request_that_takes_none_is_400(server):
@@ -1564,6 +1591,7 @@ def test_an_async_run_answers_at_once_and_is_polled_until_finished(
                                         **{"async": "1"})
     running = json.loads(server.request(
         "GET", "/jobs/1", headers={"Accept": "application/json"})[2])
+    listed = server.request("GET", "/jobs")[2]
     polls = 1
     while True:
         document = json.loads(server.request(
@@ -1576,6 +1604,8 @@ def test_an_async_run_answers_at_once_and_is_polled_until_finished(
     assert (status, headers["Location"], body) == (
         202, "/jobs/1", "job 1 started on 1 client; see GET /jobs/1\n")
     assert (running["state"], running["clients"]) == ("running", [])
+    assert re.fullmatch(r"1  running  %s  0 of 1 clients done  sleep 1; "
+                        r"echo up\n" % STAMP, listed)
     assert document["state"] == "finished"
     assert [(c["address"], c["stdout"]) for c in document["clients"]] == [
         (sshd.address, "up\n")]
@@ -2875,6 +2905,13 @@ def test_odd_numbers_and_empty_targets_are_refused(server, make_sshd):
         "h%d*" % n for n in range(1001)))[0::2] == (
         400, "field 'target': more than 1000 patterns with *, ? or [; name "
         "the clients, or send fewer and wider globs\n")
+    assert server.post("/run", {"Idempotency-Key": "clé".encode()},
+                       command="true")[0::2] == (
+        400, "header 'Idempotency-Key': 'clé' is not 1 to 255 visible "
+        "ASCII characters\n")
+    assert server.request("GET", "/clients?target=a,,b")[0::2] == (
+        400, "query 'target': 'a,,b' has an empty pattern; send "
+        "comma-separated globs such as web*,10.0.0.*,!web3\n")
     assert server.log_files() == []
 
 
