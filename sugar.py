@@ -775,6 +775,13 @@ def _describe_connect_error(exc, client, timeout, spoke):
         return "unreachable", (
             "no SSH server answered at %s within %gs; check that sshd "
             "listens there" % (where, timeout))
+    if isinstance(exc, (paramiko.SSHException, EOFError)) and \
+            str(exc) in ("", "No existing session"):
+        # paramiko's words when the key exchange ran out of time.
+        return "unreachable", (
+            "sshd at %s answered, but the SSH handshake did not finish "
+            "within %gs; check that it is not overloaded, or raise "
+            "CONNECT_TIMEOUT" % (where, timeout))
     if isinstance(exc, (paramiko.SSHException, EOFError)):
         return "unreachable", (
             "the SSH handshake with %s did not finish within %gs (%s)"

@@ -6,6 +6,7 @@ real too, on a free port, and every request goes over real HTTP.
 """
 
 import base64
+import contextlib
 import getpass
 import hashlib
 import http.client
@@ -1123,12 +1124,26 @@ def test_the_shell_reports_a_syntax_error_as_over_plain_ssh(
         "`newline'\nbash: -c: line 2: `echo ('\n")
 
 
-def test_a_client_that_never_speaks_ssh_is_unreachable(
-        tmp_path, user_key):
+@pytest.mark.parametrize("greeting, error", [
+    (b"", "no SSH server answered at 127.0.0.1 port %d within 1.5s; check "
+     "that sshd listens there"),
+    (b"SSH-2.0-OpenSSH_9.2p1\r\n", "sshd at 127.0.0.1 port %d answered, but "
+     "the SSH handshake did not finish within 1.5s; check that it is not "
+     "overloaded, or raise CONNECT_TIMEOUT")])
+def test_a_client_that_stalls_before_logging_in_is_unreachable(
+        tmp_path, user_key, greeting, error):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
+    accepted = []
+
+    def greet():
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+                accepted[-1].sendall(greeting)
+    threading.Thread(target=greet, daemon=True).start()
     running = Running(str(tmp_path / "silent"), user_key,
                       connect_timeout=1.5)
     try:
@@ -1139,10 +1154,11 @@ def test_a_client_that_never_speaks_ssh_is_unreachable(
     finally:
         running.stop()
         listener.close()
+        for connection in accepted:
+            connection.close()
 
-    assert (client["status"], client["error"]) == ("unreachable", (
-        "no SSH server answered at 127.0.0.1 port %d within 1.5s; check "
-        "that sshd listens there" % port))
+    assert (client["status"], client["error"]) == ("unreachable",
+                                                   error % port)
     assert took < 6, took
 
 
