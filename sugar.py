@@ -1969,7 +1969,8 @@ class Client:
             result.error = "ran past its %gs limit and was stopped" % timeout
         elif code < 0:
             result.status = "error"
-            result.error = "the command ended without an exit code"
+            result.error = ("the command ended without an exit code: its "
+                            "shell or SSH session was killed or lost")
         else:
             result.exit_code = code
             result.status = "ok" if code == 0 else "failed"
@@ -2307,6 +2308,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             message = ("method %r is not one Sugar answers; use GET, POST "
                        "or DELETE (GET / lists the endpoints)"
                        % str(self.command)[:40])
+        elif code == 414:
+            message = ("the request line is over 64 KiB; send a shorter "
+                       "path and query")
+        elif code == 431:
+            message = ("a header line is over 64 KiB, or there are over 100 "
+                       "headers; send fewer and shorter headers")
+        elif code == 505:
+            message = ("HTTP version %r is not one Sugar speaks; use HTTP/1.1 "
+                       "(as curl does)" % str(self.raw_requestline,
+                                              "iso-8859-1").split()[-1][:40])
         self._reply(code, message or self.responses[code][0],
                     {"Connection": "close"})
 
@@ -2416,7 +2427,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(values) > 1:
             raise _HTTPProblem(400, "header %r is given more than once; "
                                "send it once" % name, {"Connection": "close"})
-        return values[0]
+        # HTTP allows blanks around a value; Python keeps those after it.
+        return values[0] and values[0].strip(" \t")
 
     def _sent_token(self):
         """Whether the request carries some Authorization."""
@@ -2431,7 +2443,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind.lower() == "basic":
             try:
                 pair = base64.b64decode(value.strip(), validate=True)
-            except binascii.Error:
+            except ValueError:
+                # Not base64, or not even ASCII (binascii.Error is one).
                 return None
             return pair.decode("utf-8", "replace").partition(":")[2]
         return None
@@ -2517,6 +2530,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not message.is_multipart():
             raise _HTTPProblem(400, "the body is not multipart/form-data; "
                                "send the fields as with curl -F")
+        if any(isinstance(defect, email.errors.CloseBoundaryNotFoundDefect)
+               for defect in message.defects):
+            raise _HTTPProblem(400, "the multipart body has no closing "
+                               "boundary, so it may be cut short; send it "
+                               "whole, as curl -F does")
         form, self._upload_name = {}, None
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -2654,10 +2672,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             before = _format_address(previous["host"], previous["port"])
             logger.info("%s: client %s registered again (was %s)", address,
                         client_id, before)
-            text = "updated client %s at %s as %s (was %s as %s)" % (
-                client_id, address, username, before, previous["username"])
+            replaced = bool(previous.get("hostkey")) and \
+                previous["hostkey"] != entry["hostkey"]
+            text = "updated client %s at %s as %s (was %s as %s)%s" % (
+                client_id, address, username, before, previous["username"],
+                "; its pinned host key is replaced" if replaced else "")
             document.update(was_address=before,
-                            was_username=previous["username"])
+                            was_username=previous["username"],
+                            hostkey_replaced=replaced)
         status = 201 if previous is None else 200
         if self._wants_json():
             self._reply_json(status, document)
@@ -2709,7 +2731,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if script is None:
                 command = _command(form)
         else:
-            command = _command(form)
+            raise _HTTPProblem(400, "field 'command' is missing; send the "
+                               "shell command to run (or 'url', 'script' or "
+                               "'rerun')")
         try:
             job = self.server.sugar.start_job(
                 command, timeout=timeout, target=form.get("target"),

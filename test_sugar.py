@@ -846,6 +846,12 @@ def test_a_header_given_twice_is_400(server, name, value):
      "an HTTP version; send one such as GET / HTTP/1.1 (as curl does)"),
     (b"FOO / HTTP/1.1", 501, "method 'FOO' is not one Sugar answers; use "
      "GET, POST or DELETE (GET / lists the endpoints)"),
+    (b"GET / HTTP/2.0", 505, "HTTP version 'HTTP/2.0' is not one Sugar "
+     "speaks; use HTTP/1.1 (as curl does)"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414, "the request line is over "
+     "64 KiB; send a shorter path and query"),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000, 431, "a header line is over 64 "
+     "KiB, or there are over 100 headers; send fewer and shorter headers"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "this port "
      "speaks plain HTTP, not HTTPS; use http://, or start Sugar with "
      "TLS_CERT and TLS_KEY")])
@@ -875,15 +881,30 @@ def test_a_body_on_a_request_that_takes_none_is_400(server):
                               "without one\n")
 
 
-def test_a_multipart_part_without_a_name_is_400(server):
-    body = (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n"
-            b"--b--\r\n")
+@pytest.mark.parametrize("body, message", [
+    (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+     "a part of the body has no field name; send the fields as with curl -F "
+     "name=value"),
+    (b'--b\r\nContent-Disposition: form-data; name="command"\r\n\r\n'
+     b'echo cut', "the multipart body has no closing boundary, so it may be "
+     "cut short; send it whole, as curl -F does")])
+def test_a_multipart_body_sugar_cannot_read_is_400(server, body, message):
     status, _, answer = server.request("POST", "/run", body, {
         "Content-Type": "multipart/form-data; boundary=b"})
 
-    assert (status, answer) == (400, "a part of the body has no field name; "
-                                "send the fields as with curl -F "
-                                "name=value\n")
+    assert (status, answer) == (400, message + "\n")
+    assert server.request("GET", "/jobs")[2] == "no jobs yet\n"
+
+
+def test_blanks_around_a_header_value_are_allowed(server, make_sshd):
+    server.register(make_sshd())
+
+    status, _, body = server.request("POST", "/run", b"command=true", {
+        "Content-Type": " %s " % FORM["Content-Type"],
+        "Content-Length": "12 "})
+
+    assert (status, body.splitlines()[-2:]) == (200, ["1 client: 1 ok",
+                                                     "job 1"])
 
 
 @pytest.mark.parametrize("method, path, body, message", [
@@ -914,7 +935,9 @@ def test_a_form_that_is_not_utf8_or_not_urlencoded_is_400(
 
 
 def test_missing_and_empty_command_are_400(server):
-    assert server.post("/run")[0::2] == (400, "field 'command' is missing\n")
+    assert server.post("/run")[0::2] == (
+        400, "field 'command' is missing; send the shell command to run (or "
+        "'url', 'script' or 'rerun')\n")
     assert server.post("/run", command=" ")[0::2] == (
         400, "field 'command' is empty; send the shell command to run\n")
 
@@ -924,7 +947,9 @@ def test_errors_are_json_when_json_is_asked_for(server):
         "/run", {"Accept": "application/json"})
 
     assert (status, headers["Content-Type"], json.loads(body)) == (
-        400, "application/json", {"error": "field 'command' is missing"})
+        400, "application/json", {"error": "field 'command' is missing; "
+                                  "send the shell command to run (or 'url', "
+                                  "'script' or 'rerun')"})
 
 
 def test_an_unexpected_error_is_500_and_the_server_goes_on(
@@ -1706,6 +1731,8 @@ def test_running_needs_the_api_token(server, make_sshd, tmp_path):
                         command=command)
     wrong_basic = server.post("/run", {"Authorization": basic("nope")},
                               command=command)
+    not_base64 = server.post("/run", {"Authorization": "Basic \xff\xfe"},
+                             command=command)
     bearer = server.post("/run", command=command)
     with_basic = server.post("/run", {"Authorization": basic(TOKEN)},
                              command=command)
@@ -1715,8 +1742,8 @@ def test_running_needs_the_api_token(server, make_sshd, tmp_path):
     refused = ("the token sent is not the API token; send it as "
                "Authorization: Bearer TOKEN, or with curl -u :TOKEN\n")
     assert [(status, body) for status, _, body in (
-        missing, wrong, wrong_basic)] == [
-            (401, refusal), (401, refused), (401, refused)]
+        missing, wrong, wrong_basic, not_base64)] == [
+            (401, refusal), (401, refused), (401, refused), (401, refused)]
     for status, headers, body in (missing, wrong, wrong_basic):
         assert headers.get_all("WWW-Authenticate") == [
             'Bearer realm="sugar"', 'Basic realm="sugar"']
@@ -1728,6 +1755,10 @@ def test_running_needs_the_api_token(server, make_sshd, tmp_path):
     assert server.request("DELETE", "/clients/" + client_id(sshd),
                           headers={"Authorization": ""})[0] == 401
     assert server.server.registry.get(client_id(sshd)) is not None
+    # Registering needs no token here: an unreadable one is no matter.
+    assert server.post("/register", {"Authorization": "Basic \xc3\xa9"},
+                       id="web2", address=sshd.address,
+                       username=USER)[0] == 201
 
 
 def test_curl_basic_auth_with_an_empty_user_works(server, make_sshd):
@@ -1925,7 +1956,10 @@ def test_replacing_a_pinned_key_needs_the_api_token(server, make_sshd):
         "as for a re-installed machine\n"
         % (client_id(sshd), sugar._hostkey_object(pinned).fingerprint)))
     assert kept == pinned
-    assert admin[0] == 200
+    assert admin[0::2] == (200, "updated client %s at %s as %s (was %s as "
+                           "%s); its pinned host key is replaced\n" % (
+                               client_id(sshd), sshd.address, USER,
+                               sshd.address, USER))
     assert server.run_json("true")["clients"][0]["status"] == "ok"
 
 
@@ -2687,7 +2721,8 @@ def test_a_command_that_ends_the_kept_shell_is_an_error_then_runs_go_on(
     after = server.run_json("echo 2 >> %s; echo $0" % ran)
 
     assert [(c["status"], c["error"]) for c in killed["clients"]] == [
-        ("error", "the command ended without an exit code")]
+        ("error", "the command ended without an exit code: its shell or "
+         "SSH session was killed or lost")]
     assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
         ("ok", LOGIN_SHELL + "\n")]
     assert ran.read_text() == "1\n2\n"
@@ -2709,7 +2744,8 @@ def test_a_kept_shell_killed_while_a_process_it_left_runs_is_an_error(
             os.kill(pid, signal.SIGKILL)
 
     assert (killed["status"], killed["error"]) == (
-        "error", "the command ended without an exit code")
+        "error", "the command ended without an exit code: its shell or SSH "
+        "session was killed or lost")
     assert [(c["status"], c["stdout"]) for c in after["clients"]] == [
         ("ok", "next\n")]
 
