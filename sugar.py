@@ -2978,7 +2978,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     counts and ": " + counts)
             lines.append("%d  %s  %s  %s  %s\n" % (
                 summary["id"], summary["state"], summary["started"], recap,
-                summary["command"]))
+                _one_line(summary["command"])))
         self._reply(200, "".join(lines) or "no jobs yet\n")
 
     def do_show_job(self, job_id):
@@ -3062,6 +3062,14 @@ def _clients_text(documents):
     return "".join("  ".join(cell.ljust(width) for cell, width in
                              zip(row, widths)).rstrip() + "\n"
                    for row in rows)
+
+
+def _one_line(text, most=120):
+    """*text*'s first line, at most *most* characters, marked if cut."""
+    line = text.split("\n", 1)[0]
+    if len(line) > most or line != text:
+        return line[:most] + " ..."
+    return line
 
 
 def _job_summary(record):

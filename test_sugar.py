@@ -1606,6 +1606,18 @@ def test_jobs_are_listed_shown_and_kept_across_a_restart(
         404, "no job '02'; GET /jobs lists them\n")
 
 
+def test_jobs_list_a_long_or_multiline_command_on_one_line(
+        server, make_sshd):
+    server.register(make_sshd())
+    server.post("/run", command="echo a\necho b")
+    server.post("/run", command="echo " + "x" * 200)
+
+    lines = server.request("GET", "/jobs")[2].splitlines()
+
+    assert [line.split("  ")[-1] for line in lines] == [
+        "echo " + "x" * 115 + " ...", "echo a ..."]
+
+
 def test_jobs_past_keep_jobs_are_pruned(tmp_path, user_key, make_sshd):
     running = Running(str(tmp_path / "keep"), user_key, keep_jobs=3)
     try:
