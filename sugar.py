@@ -135,7 +135,7 @@ class _BadField(ValueError):
 
     def __init__(self, field, problem):
         super().__init__("field %r: %s" % (field, problem))
-        self.field = field
+        self.field, self.problem = field, problem
 
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
@@ -2899,8 +2899,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 entries, _ = _select(entries, query["target"])
             except _BadField as exc:
-                raise _HTTPProblem(400, "query" + str(exc)[len("field"):]
-                                   ) from None
+                raise _HTTPProblem(400, "query %r: %s" % (
+                    exc.field, exc.problem)) from None
             if not entries:
                 raise _HTTPProblem(404, "target %r matches no registered "
                                    "client" % query["target"][:200])
