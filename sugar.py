@@ -1528,7 +1528,6 @@ class _Transport(paramiko.Transport):
       packet, where AES-CTR adds an HMAC computed through Python's `hmac`
       (a command over a kept connection costs about a quarter less client
       CPU).
-
     - The key exchange's time limit is kept without a thread (see
       `_Packetizer`).
 
@@ -2956,26 +2955,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                "from 1 to 100000" % limit[:40])
         sugar = self.server.sugar
         # Only a running job has results newer than its kept record.
-        records, sizes = [], {}
+        records, jobs = [], []
         for record in sugar.jobs.recent(int(limit)):
             job = record["state"] == "running" and sugar.job(record["id"])
-            if job:
-                record = job.snapshot()
-                sizes[job.id] = len(job.futures)
-            records.append(record)
+            records.append(job.snapshot() if job else record)
+            jobs.append(job)
         summaries = [_job_summary(record) for record in records]
         if self._wants_json():
             self._reply_json(200, {"jobs": summaries})
             return
         lines = []
-        for summary, record in zip(summaries, records):
+        for summary, record, job in zip(summaries, records, jobs):
             results = [Result.from_dict(c) for c in record["clients"]]
-            recap = _recap(results).split("\n")[0]
-            if record["state"] == "running":
-                counts = recap.partition(": ")[2]
+            if job and record["state"] == "running":
+                counts = _counts(results)
                 recap = "%d of %d clients done%s" % (
-                    len(results), sizes.get(summary["id"], len(results)),
-                    counts and ": " + counts)
+                    len(results), len(job.futures), counts and ": " + counts)
+            else:
+                recap = _recap(results).split("\n")[0]
             lines.append("%d  %s  %s  %s  %s\n" % (
                 summary["id"], summary["state"], summary["started"], recap,
                 _one_line(summary["command"])))
@@ -3181,13 +3178,17 @@ def _output_lines(group):
     return lines
 
 
+def _counts(results):
+    """How many *results* ended with each status: ``2 ok, 1 failed``."""
+    return ", ".join("%d %s" % (n, status)
+                     for status, n in _totals(results).items()
+                     if status != "clients")
+
+
 def _recap(results):
     """Counts per status, then the clients of each (unless all are ok)."""
-    totals = _totals(results)
-    counts = ", ".join("%d %s" % (n, status) for status, n in totals.items()
-                       if status != "clients")
     lines = ["%d client%s: %s" % (len(results), "s"[len(results) == 1:],
-                                  counts)]
+                                  _counts(results))]
     summary = _summary(results)
     if list(summary) != ["ok"]:
         lines += ["%s: %s" % (status, ", ".join(addresses))
