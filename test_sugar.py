@@ -1079,6 +1079,19 @@ def sleeping(marker):
     return pids
 
 
+@contextlib.contextmanager
+def left_running(server, command, marker):
+    """Run *command*, which leaves ``sleep <marker>`` running on the
+    client; kill what is left of it at the end.
+    """
+    server.run_json(command)
+    try:
+        yield
+    finally:
+        for pid in sleeping(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_timeout_stops_the_slow_command_and_not_the_others(server, fleet):
     for sshd in fleet:
         server.register(sshd)
@@ -2746,14 +2759,10 @@ def test_a_kept_shell_killed_while_a_process_it_left_runs_is_an_error(
     # gone; sshd's exit status tells Sugar the shell ended.
     sshd = make_sshd()
     server.register(sshd)
-    server.run_json("sleep 301.7 &")
-    try:
+    with left_running(server, "sleep 301.7 &", "301.7"):
         [killed] = server.run_json("kill -KILL $PPID; echo after",
                                    timeout="60")["clients"]
         after = server.run_json("echo next")
-    finally:
-        for pid in sleeping("301.7"):
-            os.kill(pid, signal.SIGKILL)
 
     assert (killed["status"], killed["error"]) == (
         "error", "the command ended without an exit code: its shell or SSH "
@@ -2792,15 +2801,11 @@ def test_a_timeout_or_kill_0_in_the_kept_shell_spares_earlier_runs_processes(
         server, make_sshd):
     sshd = make_sshd()
     server.register(sshd)
-    server.run_json("sleep 301.5 >/dev/null 2>&1 &")
-    try:
+    with left_running(server, "sleep 301.5 >/dev/null 2>&1 &", "301.5"):
         [timed_out] = server.run_json("sleep 30", timeout="1")["clients"]
         killed = server.run_json("kill 0; echo never")
         leader = server.run_json("awk '{print $5 == $1}' /proc/$$/stat")
         left = sleeping("301.5")
-    finally:
-        for pid in sleeping("301.5"):
-            os.kill(pid, signal.SIGKILL)
 
     assert (timed_out["status"], timed_out["error"]) == (
         "timeout", "ran past its 1s limit and was stopped")
