@@ -295,6 +295,32 @@ def register_load(folder, hosts, key):
     return sugar_rate, bare_rate, run, len(hosts), done
 
 
+def memory_over_runs(folder, hosts, key, command, runs=10):
+    """Sugar's RSS after registering, after one and after *runs* runs of
+    *command*: as the launcher sets malloc (two arenas), then with
+    glibc's default of 8 arenas per core (MALLOC_ARENA_MAX).
+    """
+    rss = {}
+    for arenas in ("", str(8 * os.cpu_count())):
+        if arenas:
+            os.environ["MALLOC_ARENA_MAX"] = arenas
+        try:
+            sugar = Sugar(folder, 8, key)
+        finally:
+            os.environ.pop("MALLOC_ARENA_MAX", None)
+        try:
+            sugar.register(hosts)
+            rss[arenas] = [sugar.rss()]
+            for number in range(runs):
+                sugar.run(command)
+                if number in (0, runs - 1):
+                    rss[arenas].append(sugar.rss())
+        finally:
+            sugar.stop()
+            wait_idle(folder)
+    return rss
+
+
 def cost_shares(hosts, key, runs=10):
     """Shares of the server's CPU in warm runs spent outside SSH.
 
@@ -417,9 +443,24 @@ def main():
                 lines.append("sugar / fastest peer: cold %.2f%s" % (
                     cold / best, ", warm %.2f" % (warm / min(warms))
                     if warms else ""))
-                lines.append("server memory per kept connection: %.0f KiB"
-                             % (memory / 1024))
+                if command == "true":
+                    lines.append("server memory per kept connection: "
+                                 "%.0f KiB" % (memory / 1024))
                 print("\n".join(lines[-12:]), flush=True)
+            if size == 50:
+                memory_runs = 10
+                settled = memory_over_runs(args.fleet, hosts, key,
+                                           "seq 1 100000", memory_runs)
+                lines.append("")
+                lines += ["server memory (RSS) on %d hosts, %s: %.0f MiB "
+                          "registered, %.0f MiB after one run of `seq 1 "
+                          "100000`, %.0f MiB after %d"
+                          % ((size, "MALLOC_ARENA_MAX=" + arenas if arenas
+                              else "as launched (two malloc arenas)")
+                             + tuple(r / 2 ** 20 for r in rss)
+                             + (memory_runs,))
+                          for arenas, rss in settled.items()]
+                print("\n".join(lines[-2:]), flush=True)
         fleet("up", str(max(sizes or [200])), "--dir", args.fleet)
         hosts = fleet_hosts(args.fleet)
         wait_idle(args.fleet)

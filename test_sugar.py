@@ -2924,6 +2924,24 @@ def test_a_changed_address_or_a_deleted_client_drops_its_connection(
     assert server.server.pool.size() == 0
 
 
+def test_a_new_pinned_host_key_drops_the_connection_and_the_same_keeps_it(
+        server, make_sshd):
+    sshd, other = make_sshd(), make_sshd()
+    server.register(sshd, hostkey=sshd.public_host_key())
+    first = server.run_json("echo $SSH_CONNECTION")
+    server.register(sshd, hostkey=sshd.public_host_key())
+    same = server.run_json("echo $SSH_CONNECTION")
+
+    server.register(sshd, hostkey=other.public_host_key())
+    deadline = time.monotonic() + 5
+    while sshd.sessions() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert source_port(first) == source_port(same)
+    assert sshd.sessions() == []
+    assert server.server.pool.size() == 0
+
+
 def test_runs_at_the_same_time_share_the_kept_connection(server, make_sshd):
     sshd = make_sshd()
     server.register(sshd)
