@@ -14,8 +14,9 @@ handshake and of one command over an open connection, from which the
 lower bounds come:
 N x (client + server CPU) / cores.  It also measures /register requests
 per second with 50 concurrent callers (ab) beside a bare http.server, a
-run on 200 hosts while registrations go on, and the share of a warm run's
-server CPU spent on HTTP, the registry and the logs.
+run on 200 hosts while registrations go on, the share of a warm run's
+server CPU spent on HTTP, the registry and the logs, and the server's
+memory over ten runs of ``seq 1 100000`` on 50 hosts.
 
 Every address is loopback.  Run from the project folder, after
 ``./bootstrap --test``, as root::
