@@ -638,29 +638,36 @@ def test_a_cut_tail_starts_at_a_whole_character():
         assert stream.cut + len(tail.encode("utf-8")) == len(data)
 
 
-def test_workers_caps_the_sessions_open_at_once(tmp_path, user_key,
-                                                 make_sshd):
-    running = Running(str(tmp_path / "capped"), user_key, workers=2)
-    try:
-        hosts = [make_sshd() for _ in range(6)]
-        for sshd in hosts:
-            running.register(sshd)
-        spans = tmp_path / "spans"
-        spans.touch()
-        document = running.run_json(
-            "echo start $(date +%%s.%%N) >> %s; sleep 0.5; "
-            "echo end $(date +%%s.%%N) >> %s" % (spans, spans))
-    finally:
-        running.stop()
-
-    assert document["totals"] == {"clients": 6, "ok": 6}
+def most_at_once(spans):
+    """The most commands running at once, from their start and end lines
+    in the file *spans*.
+    """
     events = sorted((float(t), kind == "start") for kind, t in
                     (line.split() for line in spans.read_text().splitlines()))
     open_now = most = 0
     for _, starting in events:
         open_now += 1 if starting else -1
         most = max(most, open_now)
-    assert most == 2
+    return most
+
+
+def test_workers_caps_new_sessions_and_kept_ones_run_wider(
+        tmp_path, user_key, make_sshd):
+    running = Running(str(tmp_path / "capped"), user_key, workers=2)
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    try:
+        hosts = [make_sshd() for _ in range(6)]
+        for sshd in hosts:
+            running.register(sshd)
+        documents = [running.run_json(
+            "echo start $(date +%%s.%%N) >> %s; sleep 0.5; "
+            "echo end $(date +%%s.%%N) >> %s" % (spans, spans))
+            for spans in (cold, warm)]
+    finally:
+        running.stop()
+
+    assert [d["totals"] for d in documents] == [{"clients": 6, "ok": 6}] * 2
+    assert (most_at_once(cold), most_at_once(warm)) == (2, 6)
 
 
 def test_library_client_runs_a_command_and_logs_it(tmp_path, user_key,
