@@ -1056,11 +1056,12 @@ def _close(closable):
 class _Marked:
     """One output stream of a kept shell, cut to one command's part.
 
-    Bytes before the first line starting with *token* are left over from
-    an earlier command and dropped; that line's rest is `head`.  Then the
-    bytes up to the next *token* go to *stream*; the rest of that line is
-    `tail`, and the command's part has `ended`.  A token split across
-    reads is held back until it is whole.
+    Bytes before the first line starting with *token*, and after it until
+    `start` (when the command is sent), are left over from an earlier
+    command and dropped (`stray` tells there were some); that line's rest
+    is `head`.  Then the bytes up to the next *token* go to *stream*; the
+    rest of that line is `tail`, and the command's part has `ended`.  A
+    token split across reads is held back until it is whole.
     """
 
     def __init__(self, stream, token):
@@ -1068,21 +1069,27 @@ class _Marked:
         self._token = token
         self._held = b""
         self.head = self.tail = None
-        self.ended = False
+        self.ended = self.stray = self._started = False
 
     def feed(self, data):
         held = self._held + data
         if self.head is None:
             at = held.find(self._token)
             if at < 0:
+                self.stray = self.stray or len(held) > len(self._token)
                 self._held = held[-len(self._token):]
                 return
+            self.stray = self.stray or at > 0
             line, newline, rest = held[at + len(self._token):].partition(
                 b"\n")
             if not newline:
                 self._held = held[at:]
                 return
             self.head, held = line.strip(), rest
+        if not self._started:
+            self.stray = self.stray or bool(held)
+            self._held = b""
+            return
         if self.ended:
             self._held = b""
             return
@@ -1098,6 +1105,10 @@ class _Marked:
             self._held = held[at:]
             return
         self.tail, self.ended, self._held = line.strip(), True, b""
+
+    def start(self):
+        """The command is sent: what comes now is its output."""
+        self._started = True
 
     def _partial(self, data):
         """How many of *data*'s last bytes may begin the token."""
@@ -1465,9 +1476,15 @@ def _read_private_key(path, stamp):
     return paramiko.PKey.from_path(path)
 
 
+class _KeyUnusable(Exception):
+    """The SSH key the server was told to use cannot be read now."""
+
+
 def _private_key(path):
     """The private key at *path* (and its certificate, if any), read once
-    for as long as the file stays the same; None when it cannot be read.
+    for as long as the file stays the same; _KeyUnusable, which says why,
+    when it cannot be read (SSH_KEY is checked at start, but the file may
+    change since).
 
     paramiko would read it again, trying each key type in turn, for every
     new connection (about 0.7 ms of CPU).
@@ -1481,10 +1498,14 @@ def _private_key(path):
                 continue
             stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
         return _read_private_key(path, tuple(stamps))
-    except Exception:
-        # Whatever the reason (no file, a passphrase, an unknown type),
-        # paramiko is given the path and reports it as it connects.
-        return None
+    except Exception as exc:
+        # Whatever the reason: no file, a passphrase, an unknown type.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror \
+            else "not a private key Sugar can read"
+        raise _KeyUnusable(
+            "the server's SSH key %s cannot be used (%s); restore it, or "
+            "restart the server with SSH_KEY naming an unencrypted private "
+            "key" % (path, why)) from None
 
 
 def _kex_rank(name):
@@ -1631,12 +1652,8 @@ class Client:
             "transport_factory": _Transport,
         }
         if self.ssh_key:
-            key = _private_key(self.ssh_key)
-            options.update(look_for_keys=False, allow_agent=False)
-            if key:
-                options["pkey"] = key
-            else:
-                options["key_filename"] = [self.ssh_key]
+            options.update(pkey=_private_key(self.ssh_key),
+                           look_for_keys=False, allow_agent=False)
         # A Config of its own: Fabric writes into the one it is given.  An
         # empty SSH config and no Fabric config files (lazy): the registry,
         # not ~/.ssh/config nor ~/.fabric.yaml, says where and how to
@@ -1719,7 +1736,12 @@ class Client:
                 self._pool.give_back(kept, broken=result.status == "error")
                 return
         with self._handshakes:
-            cxn = self._connection()
+            try:
+                cxn = self._connection()
+            except _KeyUnusable as exc:
+                result.status, result.error = "auth", (
+                    "%s, so the command did not run" % exc)
+                return
             sock = None
             try:
                 sock = cxn.connect_kwargs["sock"] = self._dial()
@@ -1853,6 +1875,16 @@ class Client:
                 return None, False, False
             raise _StaleConnection("no answer within %gs"
                                    % self.connect_timeout)
+        if not shell.new and (marked_out.stray or marked_err.stray):
+            # A process an earlier command left running writes to this
+            # shell's output, and would write into this command's.  A new
+            # shell leaves it the old channel, which closing ends: its
+            # next write fails, as after a plain ssh session.
+            logger.info("%s: output came between runs; the kept shell is "
+                        "replaced", self.address)
+            _close(channel)
+            kept.shell = None
+            return self._execute_in_shell(kept, command, timeout, out, err)
         shell.new = False
         if self._stopping:
             _close(channel)
@@ -1867,6 +1899,8 @@ class Client:
             kept.cxn, channel, _Pid.known(int(marked_out.head)),
             lambda deadline: _drain(channel, marked_out, marked_err,
                                     deadline, over), relay=True)
+        marked_out.start()
+        marked_err.start()
         try:
             started = time.monotonic()
             channel.sendall(command.encode("utf-8", "surrogateescape")
@@ -2616,7 +2650,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_pubkey(self):
         self._read_query(())
-        line = self.server.sugar.public_key()
+        try:
+            line = self.server.sugar.public_key()
+        except _KeyUnusable as exc:
+            raise _HTTPProblem(404, str(exc)) from None
         if line is None:
             raise _HTTPProblem(404, "the server has no public SSH key to "
                                "give; set SSH_KEY, or create one with "
@@ -3513,7 +3550,9 @@ class Server:
         return future
 
     def public_key(self):
-        """The public key line of the server's SSH key, or None."""
+        """The public key line of the server's SSH key, or None;
+        _KeyUnusable if SSH_KEY names a key that cannot be read now.
+        """
         if self.ssh_key:
             candidates = [self.ssh_key + ".pub"]
         else:
@@ -3526,7 +3565,7 @@ class Server:
             except OSError:
                 pass
         if self.ssh_key:
-            key = paramiko.PKey.from_path(self.ssh_key)
+            key = _private_key(self.ssh_key)
             return "%s %s sugar" % (key.get_name(), key.get_base64())
         return None
 

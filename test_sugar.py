@@ -721,6 +721,35 @@ def test_a_replaced_ssh_key_file_is_read_again(tmp_path, user_key,
     assert (first, run()) == ("ok", "auth")
 
 
+@pytest.mark.parametrize("change, why", [
+    ("remove", "No such file or directory"),
+    ("garble", "not a private key Sugar can read")])
+def test_an_ssh_key_that_cannot_be_read_any_more_is_said_for_runs_and_pubkey(
+        tmp_path, user_key, make_sshd, change, why):
+    key = str(tmp_path / "key")
+    shutil.copy(user_key, key)
+    running = Running(str(tmp_path / "server"), key)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        if change == "remove":
+            os.remove(key)
+        else:
+            with open(key, "w") as garbled:
+                garbled.write("-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n")
+        [result] = running.run_json("true")["clients"]
+        pubkey = running.request("GET", "/pubkey")
+    finally:
+        running.stop()
+
+    problem = ("the server's SSH key %s cannot be used (%s); restore it, or "
+               "restart the server with SSH_KEY naming an unencrypted "
+               "private key" % (key, why))
+    assert (result["status"], result["error"]) == (
+        "auth", problem + ", so the command did not run")
+    assert pubkey[0::2] == (404, problem + "\n")
+
+
 def test_a_server_without_any_ssh_key_says_so_for_each_client(
         tmp_path, make_sshd, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -1073,17 +1102,23 @@ def test_all_names_the_public_surface():
 # Statuses, timeouts, bounded output, grouping, streaming
 # ---------------------------------------------------------------------------
 
-def sleeping(marker):
-    """Pids of processes whose command line is exactly ``sleep <marker>``."""
+def running_as(*argv):
+    """Pids of processes whose command line is exactly *argv*."""
+    wanted = "".join(arg + "\0" for arg in argv).encode()
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
-                if cmdline.read() == b"sleep\0%s\0" % marker.encode():
+                if cmdline.read() == wanted:
                     pids.append(int(pid))
         except OSError:
             pass
     return pids
+
+
+def sleeping(marker):
+    """Pids of processes whose command line is exactly ``sleep <marker>``."""
+    return running_as("sleep", marker)
 
 
 @contextlib.contextmanager
@@ -2855,6 +2890,30 @@ def test_output_left_by_a_background_process_is_not_a_later_commands(
 
     assert [c["stdout"] for c in first["clients"]] == ["now\n"]
     assert [c["stdout"] for c in second["clients"]] == ["next\n"]
+
+
+def test_much_output_left_between_runs_is_dropped_with_its_kept_shell(
+        server, make_sshd):
+    # Over 2 MiB fills the channel's window: the writer waits for the
+    # next run to read, and would write into that run's output.
+    # The next run replaces the kept shell, and the writer's next write
+    # fails, as after a plain ssh session.
+    sshd = make_sshd()
+    server.register(sshd)
+    first = server.run_json("(sleep 0.3; head -c 3000017 /dev/zero | "
+                            "tr '\\0' y; echo) & echo first")
+    time.sleep(2)
+    runs = [server.run_json("echo %s" % word) for word in ("second", "third")]
+    writer = ("head", "-c", "3000017", "/dev/zero")
+    deadline = time.monotonic() + 5
+    while running_as(*writer) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert [c["stdout"] for c in first["clients"]] == ["first\n"]
+    assert [[c["stdout"] for c in run["clients"]] for run in runs] == [
+        ["second\n"], ["third\n"]]
+    assert running_as(*writer) == []
+    assert len(sshd.sessions()) == 1
 
 
 def test_a_connection_lost_between_runs_is_replaced_and_runs_once(
