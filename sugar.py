@@ -130,6 +130,17 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Validation of what clients send
 # ---------------------------------------------------------------------------
 
+def _address_order(entry):
+    """Sort key of a registry *entry* by its address."""
+    try:
+        ip = ipaddress.ip_address(entry["host"])
+    except ValueError:
+        host = (1, 0, 0, entry["host"])
+    else:
+        host = (0, ip.version, int(ip), "")
+    return host + (entry["port"], entry["id"])
+
+
 class _BadField(ValueError):
     """A form field holds a value Sugar cannot accept."""
 
@@ -152,8 +163,8 @@ def _check_id(value):
     if not _ID.match(value) or ".." in value:
         raise _BadField("id", (
             "%r is not a machine id; send up to 128 letters, digits, '.', "
-            "'_' or '-', starting with a letter or digit, such as the "
-            "content of /etc/machine-id" % value))
+            "'_' or '-', starting with a letter or digit, without '..', "
+            "such as the content of /etc/machine-id" % value))
     return value.lower()
 
 
@@ -186,7 +197,8 @@ def _check_host(host, field):
             or labels[-1].isdigit()):
         raise _BadField(field, (
             "%r is not a host name or IP address; send a name such as "
-            "web1.example.com, an IPv4 address or an IPv6 address"
+            "web1.example.com (letters, digits and '-' between dots), an "
+            "IPv4 address or an IPv6 address"
         ) % host[:300])
     return host
 
@@ -436,10 +448,12 @@ class _Registry:
             self._shelf.sync()
 
     def clients(self):
-        """Every entry, ordered by address."""
+        """Every entry, ordered by address: IP addresses by number (so
+        10.0.0.9 before 10.0.0.10), then host names.
+        """
         with self._lock:
             entries = list(self._shelf.values())
-        return sorted(entries, key=lambda e: (e["host"], e["port"], e["id"]))
+        return sorted(entries, key=_address_order)
 
     def close(self):
         with self._lock:
@@ -676,6 +690,10 @@ STATUSES = ("ok", "failed", "timeout", "unreachable", "auth", "hostkey",
             "error", "stale", "interrupted")
 
 
+# The digest of a result with no output at all (see `Result`).
+_EMPTY_DIGEST = hashlib.sha256(hashlib.sha256(b"").digest() * 2).hexdigest()
+
+
 class Result:
     """What happened when a command ran on one client.
 
@@ -699,7 +717,7 @@ class Result:
         self.error = None
         self.stdout = self.stderr = ""
         self.stdout_cut = self.stderr_cut = 0
-        self.digest = hashlib.sha256(b"").hexdigest()
+        self.digest = _EMPTY_DIGEST
         self.duration = 0.0
         self.log = None
 
@@ -1174,6 +1192,14 @@ def _parse_hostkey(line, field="hostkey"):
             "%r is not an SSH public key line; send the content of "
             "/etc/ssh/ssh_host_ed25519_key.pub" % line[:100])) from None
     return "%s %s" % (key.get_name(), key.get_base64())
+
+
+def _hostkey_fingerprint(hostkey):
+    """``type SHA256:...`` of a pinned *hostkey*, or None."""
+    if not hostkey:
+        return None
+    key = _hostkey_object(hostkey)
+    return "%s %s" % (key.get_name(), key.fingerprint)
 
 
 def _hostkey_object(hostkey):
@@ -2415,7 +2441,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         try:
-            path = self.path.partition("?")[0]
+            # http.server reads the request line as Latin-1; a path sent
+            # with bytes that are not ASCII holds UTF-8.
+            path = self.path.partition("?")[0].encode("latin-1").decode(
+                "utf-8", "replace")
             pattern, methods, arguments = self._route(
                 path.rstrip("/") or "/")
             if self.command == "HEAD" and "GET" in methods:
@@ -2824,10 +2853,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ``sha256`` (409 if it differs).
         """
         sugar = self.server.sugar
-        digest = form.get("sha256", "").lower()
-        if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        digest = form.get("sha256", "")
+        if digest and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             raise _HTTPProblem(400, "field 'sha256': %r is not 64 hex "
                                "digits" % digest[:80])
+        digest = digest.lower()
         if source == "command":
             if digest:
                 raise _HTTPProblem(400, "field 'sha256' goes with 'url' or "
@@ -2954,6 +2984,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "last_seen": entry["last_seen"],
             "stale": self.server.sugar.is_stale(entry),
             "last_run": entry.get("last_run"),
+            "hostkey": _hostkey_fingerprint(entry.get("hostkey")),
         }
 
     def _client(self, client_id):
@@ -3630,7 +3661,8 @@ class Server:
                 time.monotonic() < deadline:
             self._hurry.wait(0.1)
         if self._running:
-            logger.warning("stopping %d running jobs", len(self._running))
+            logger.warning("stopping %d running job%s", len(self._running),
+                           "s"[len(self._running) == 1:])
         self._stopping = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         for client in list(self._active):
@@ -3827,6 +3859,9 @@ def _check_tls(cert, key):
 
 
 def _check_log_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SettingError("LOG_DIR=%r is not a folder; name a folder, or "
+                           "a path where one can be made" % path)
     try:
         _make_private_folder(path)
     except OSError as exc:

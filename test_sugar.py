@@ -370,18 +370,18 @@ BAD_REGISTRATIONS = [
     ({"address": "a"}, "field 'id' is missing"),
     ({"id": ""}, "field 'id': '' is not a machine id; send up to 128 "
      "letters, digits, '.', '_' or '-', starting with a letter or "
-     "digit, such as the content of /etc/machine-id"),
+     "digit, without '..', such as the content of /etc/machine-id"),
     ({"id": "../etc"}, "field 'id': '../etc' is not a machine id; send up "
      "to 128 letters, digits, '.', '_' or '-', starting with a letter or "
-     "digit, such as the content of /etc/machine-id"),
+     "digit, without '..', such as the content of /etc/machine-id"),
     ({"id": "a b"}, "field 'id': 'a b' is not a machine id; send up to 128 "
      "letters, digits, '.', '_' or '-', starting with a letter or "
-     "digit, such as the content of /etc/machine-id"),
+     "digit, without '..', such as the content of /etc/machine-id"),
     ({"id": "x" * 129}, None),
 ]
 NOT_A_HOST = ("field 'address': %r is not a host name or IP address; send "
-              "a name such as web1.example.com, an IPv4 address or an IPv6 "
-              "address")
+              "a name such as web1.example.com (letters, digits and '-' "
+              "between dots), an IPv4 address or an IPv6 address")
 for bad in ["a/b", "../../etc/passwd", "a..b", "root@host", "a b", "a\nb",
             "a\x00b", "-host", "host-", "", "300.1.1.1", "[web1]:22"]:
     message = NOT_A_HOST % bad
@@ -397,7 +397,8 @@ for bad in ["host:0", "host:65536", "host:abc", "host:", "[::1]:x"]:
 BAD_REGISTRATIONS += [
     ({"id": "m", "address": "a" * 254},
      "field 'address': %r is not a host name or IP address; send a name "
-     "such as web1.example.com, an IPv4 address or an IPv6 address"
+     "such as web1.example.com (letters, digits and '-' between dots), an "
+     "IPv4 address or an IPv6 address"
      % ("a" * 254)),
     ({"id": "m", "address": ("a" * 60 + ".") * 5},
      "field 'address': 305 characters is too long; a host name has at "
@@ -556,6 +557,9 @@ def test_unreachable_clients_do_not_stop_the_others(
     }
     assert document["totals"] == {"clients": 4, "failed": 1, "ok": 1,
                                   "unreachable": 2}
+    # No output, as for an ok run that printed nothing.
+    assert {c["digest"] for c in document["clients"]} == {
+        hashlib.sha256(hashlib.sha256(b"").digest() * 2).hexdigest()}
 
 
 def test_each_exit_code_is_reported_per_client(server, fleet):
@@ -841,6 +845,14 @@ def raw_answer(server, data):
         head, _, body = sock.makefile("rb").read().decode().partition(
             "\r\n\r\n")
     return int(head.split()[1]), body
+
+
+def test_a_path_sent_in_utf8_is_read_as_utf8(server):
+    answer = raw_answer(server, ("GET /clients/é HTTP/1.1\r\nHost: x\r\n"
+                        "Authorization: Bearer %s\r\nConnection: close"
+                        "\r\n\r\n" % TOKEN).encode())
+
+    assert answer == (404, "no client 'é'; GET /clients lists them\n")
 
 
 def test_missing_content_length_is_411(server):
@@ -1475,9 +1487,11 @@ def test_clients_are_listed_shown_and_deleted(server, make_sshd):
         client_id(first), client_id(second)]
     assert shown == document["clients"][0]
     assert set(shown) == {"id", "address", "username", "registered",
-                          "last_seen", "stale", "last_run"}
-    assert (shown["address"], shown["username"], shown["stale"]) == (
-        first.address, USER, False)
+                          "last_seen", "stale", "last_run", "hostkey"}
+    assert (shown["address"], shown["username"], shown["stale"],
+            shown["hostkey"]) == (first.address, USER, False,
+                                  "ssh-ed25519 " + sshd_key(first).fingerprint)
+    assert "\nhostkey: ssh-ed25519 %s\n" % sshd_key(first).fingerprint in text
     assert shown["last_run"]["job"] == 1
     assert (shown["last_run"]["status"], shown["last_run"]["outcome"]) == (
         "failed", "exit code 1")
@@ -2726,8 +2740,8 @@ def test_script_fields_that_do_not_fit_are_refused(server, make_sshd,
         400, "field 'args': \"'open\" is not a shell-quoted list of "
         "arguments (No closing quotation)\n")
     assert server.post("/run", url=script_site + "deploy.sh",
-                       sha256="xyz")[0::2] == (
-        400, "field 'sha256': 'xyz' is not 64 hex digits\n")
+                       sha256="XYZ")[0::2] == (
+        400, "field 'sha256': 'XYZ' is not 64 hex digits\n")
 
 
 # ---------------------------------------------------------------------------
@@ -3072,6 +3086,8 @@ def test_odd_numbers_and_empty_targets_are_refused(server, make_sshd):
      "file 'same'; give each its own"),
     ({"TOKEN": "short"}, "TOKEN is not allowed; use 16 to 256 visible "
      "ASCII characters (its value is not shown)"),
+    ({"LOG_DIR": "/etc/passwd"}, "LOG_DIR='/etc/passwd' is not a folder; "
+     "name a folder, or a path where one can be made"),
 ])
 def test_more_bad_settings_stop_the_launcher(tmp_path, env, line):
     process = launch(tmp_path, env, wait_for_line=False)
