@@ -867,10 +867,11 @@ def _drain(channel, out, err, deadline, done=None):
     """Feed *channel*'s stdout and stderr to the streams until both end
     (or, with *done*, until ``done()`` is true or the channel ends).
 
-    Returns False if *deadline* (a `time.monotonic` value) came first.
-    Both of the channel's buffers set one event when data, the end or the
-    close arrives (a cheaper wake-up than the pipe `Channel.fileno` makes);
-    reading a buffer empty clears it, so both are looked at before waiting.
+    Returns False if *deadline* (a `time.monotonic` value) came first,
+    even while output keeps coming.  Both of the channel's buffers set one
+    event when data, the end or the close arrives (a cheaper wake-up than
+    the pipe `Channel.fileno` makes); reading a buffer empty clears it, so
+    both are looked at before waiting.
     """
     ready = threading.Event()
     channel.in_buffer.set_event(ready)
@@ -887,6 +888,9 @@ def _drain(channel, out, err, deadline, done=None):
             if left <= 0:
                 return False
             ready.wait(min(left, 1.0))
+            continue
+        if time.monotonic() >= deadline and not (done and done()):
+            return False
 
 
 def _exec(channel, command):
@@ -2999,8 +3003,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._wants_json():
             self._reply_json(200, document)
         else:
-            self._reply(200, "".join("%s: %s\n" % (name, _cell(value))
-                                     for name, value in document.items()))
+            self._reply(200, "".join(
+                "%s: %s\n" % (name, "none" if value is None and name ==
+                               "hostkey" else _cell(value))
+                for name, value in document.items()))
 
     def do_delete_client(self, client_id):
         entry = self.server.sugar.registry.remove(client_id.lower())

@@ -1175,6 +1175,26 @@ def test_timeout_stops_the_slow_command_and_not_the_others(server, fleet):
         server.read_log(slow)
 
 
+@pytest.mark.parametrize("pool", [True, False])
+def test_a_command_flooding_output_is_still_stopped_at_its_limit(
+        tmp_path, user_key, make_sshd, pool):
+    # Output always waiting to be read must not hide the time limit.
+    running = Running(str(tmp_path / "flood"), user_key, pool=pool)
+    sshd = make_sshd()
+    try:
+        running.register(sshd)
+        [flood] = running.run_json("yes", timeout="1")["clients"]
+        [after] = running.run_json("echo after")["clients"]
+    finally:
+        running.stop()
+
+    assert (flood["status"], flood["error"], flood["stdout_cut"] > 0) == (
+        "timeout", "ran past its 1s limit and was stopped", True)
+    # The limit, the 2 s between TERM and KILL, and slack for a busy host.
+    assert flood["duration"] < 8, flood["duration"]
+    assert (after["status"], after["stdout"]) == ("ok", "after\n")
+
+
 def test_command_timeout_setting_is_the_default_limit(
         tmp_path, user_key, make_sshd):
     running = Running(str(tmp_path / "t"), user_key, command_timeout=1)
@@ -1979,12 +1999,14 @@ def test_the_first_host_key_is_trusted_and_pinned(server, make_sshd):
     sshd = make_sshd()
     server.register(sshd)
     assert server.server.registry.get(client_id(sshd))["hostkey"] is None
+    before = server.request("GET", "/clients/" + client_id(sshd))[2]
 
     server.run_json("true")
 
     kind, data = sshd.public_host_key().split()[:2]
     assert server.server.registry.get(client_id(sshd))["hostkey"] == \
         "%s %s" % (kind, data)
+    assert "\nhostkey: none\n" in before
 
 
 def test_a_changed_host_key_is_refused_and_the_others_run(
