@@ -1128,6 +1128,13 @@ def running_as(*argv):
     return pids
 
 
+def wait_while(busy, seconds=5):
+    """Wait until ``busy()`` is false, at most *seconds*."""
+    deadline = time.monotonic() + seconds
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def sleeping(marker):
     """Pids of processes whose command line is exactly ``sleep <marker>``."""
     return running_as("sleep", marker)
@@ -1167,9 +1174,7 @@ def test_timeout_stops_the_slow_command_and_not_the_others(server, fleet):
                               "was stopped", "")
     assert outcomes == expected
     assert 2 <= took < 8, took
-    deadline = time.monotonic() + 5
-    while sleeping("600.25") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: sleeping("600.25"))
     assert sleeping("600.25") == []
     assert "result: timeout: ran past its 2s limit and was stopped\n" in \
         server.read_log(slow)
@@ -1219,9 +1224,7 @@ def test_a_command_that_ignores_sigterm_is_killed_at_its_limit(
 
     [client] = json.loads(body)["clients"]
     assert (client["status"], client["stdout"]) == ("timeout", "started\n")
-    deadline = time.monotonic() + 5
-    while sleeping("600.75") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: sleeping("600.75"))
     assert sleeping("600.75") == []
 
 
@@ -2313,9 +2316,7 @@ def test_a_killed_server_keeps_every_answered_registration(
                                   "username": USER})
     status, _ = http_post(port, "/run", {"command": "sleep 30",
                                          "async": "1"})
-    deadline = time.monotonic() + 20
-    while not sleeping("30") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: not sleeping("30"), 20)
     threads = [threading.Thread(target=burst, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
@@ -2430,9 +2431,7 @@ def test_sigterm_past_the_grace_stops_remote_commands(tmp_path, fleet,
                                       "address": sshd.address,
                                       "username": USER})
     http_post(port, "/run", {"command": "sleep 600.75", "async": "1"})
-    deadline = time.monotonic() + 20
-    while len(sleeping("600.75")) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: len(sleeping("600.75")) < 3, 20)
     started = len(sleeping("600.75"))
     clock = time.monotonic()
 
@@ -2741,9 +2740,7 @@ def test_the_script_is_removed_after_a_timeout(server, make_sshd,
 
     assert client["status"] == "timeout"
     assert leftover_scripts() == before
-    deadline = time.monotonic() + 5
-    while sleeping("600.5") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: sleeping("600.5"))
     assert sleeping("600.5") == []
 
 
@@ -2941,9 +2938,7 @@ def test_much_output_left_between_runs_is_dropped_with_its_kept_shell(
     time.sleep(2)
     runs = [server.run_json("echo %s" % word) for word in ("second", "third")]
     writer = ("head", "-c", "3000017", "/dev/zero")
-    deadline = time.monotonic() + 5
-    while running_as(*writer) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: running_as(*writer))
 
     assert [c["stdout"] for c in first["clients"]] == ["first\n"]
     assert [[c["stdout"] for c in run["clients"]] for run in runs] == [
@@ -2974,9 +2969,7 @@ def test_idle_connections_are_closed(tmp_path, user_key, make_sshd):
     try:
         running.register(sshd)
         running.run_json("true")
-        deadline = time.monotonic() + 10
-        while sshd.sessions() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_while(sshd.sessions, 10)
         size = running.server.pool.size()
     finally:
         running.stop()
@@ -2992,9 +2985,7 @@ def test_pool_off_opens_a_connection_per_run(tmp_path, user_key, make_sshd):
         running.register(sshd)
         first = running.run_json("echo $SSH_CONNECTION")
         second = running.run_json("echo $SSH_CONNECTION")
-        deadline = time.monotonic() + 5
-        while sshd.sessions() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_while(sshd.sessions)
     finally:
         running.stop()
 
@@ -3011,15 +3002,11 @@ def test_a_changed_address_or_a_deleted_client_drops_its_connection(
 
     server.register(second, client_id="moving",
                     hostkey=second.public_host_key())
-    deadline = time.monotonic() + 5
-    while first.sessions() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(first.sessions)
     moved = first.sessions()
     server.run_json("true")
     server.request("DELETE", "/clients/moving")
-    deadline = time.monotonic() + 5
-    while second.sessions() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(second.sessions)
 
     assert moved == []
     assert second.sessions() == []
@@ -3035,9 +3022,7 @@ def test_a_new_pinned_host_key_drops_the_connection_and_the_same_keeps_it(
     same = server.run_json("echo $SSH_CONNECTION")
 
     server.register(sshd, hostkey=other.public_host_key())
-    deadline = time.monotonic() + 5
-    while sshd.sessions() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(sshd.sessions)
 
     assert source_port(first) == source_port(same)
     assert sshd.sessions() == []
@@ -3127,9 +3112,7 @@ def test_a_second_sigterm_cuts_the_grace_short(tmp_path, make_sshd,
     http_post(port, "/register", {"id": "a", "address": sshd.address,
                                   "username": USER})
     http_post(port, "/run", {"command": "sleep 300.25", "async": "1"})
-    deadline = time.monotonic() + 20
-    while not sleeping("300.25") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: not sleeping("300.25"), 20)
     clock = time.monotonic()
 
     process.terminate()
@@ -3139,9 +3122,7 @@ def test_a_second_sigterm_cuts_the_grace_short(tmp_path, make_sshd,
 
     assert process.returncode == 0
     assert time.monotonic() - clock < 30
-    deadline = time.monotonic() + 5
-    while sleeping("300.25") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_while(lambda: sleeping("300.25"))
     assert sleeping("300.25") == []
 
 
