@@ -130,17 +130,6 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Validation of what clients send
 # ---------------------------------------------------------------------------
 
-def _address_order(entry):
-    """Sort key of a registry *entry* by its address."""
-    try:
-        ip = ipaddress.ip_address(entry["host"])
-    except ValueError:
-        host = (1, 0, 0, entry["host"])
-    else:
-        host = (0, ip.version, int(ip), "")
-    return host + (entry["port"], entry["id"])
-
-
 class _BadField(ValueError):
     """A form field holds a value Sugar cannot accept."""
 
@@ -373,6 +362,17 @@ def _timestamp(moment=None):
     """ISO 8601 in UTC, to the millisecond, e.g. 2026-12-03T17:40:00.123Z."""
     moment = moment or _now()
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _address_order(entry):
+    """Sort key of a registry *entry* by its address."""
+    try:
+        ip = ipaddress.ip_address(entry["host"])
+    except ValueError:
+        host = (1, 0, 0, entry["host"])
+    else:
+        host = (0, ip.version, int(ip), "")
+    return host + (entry["port"], entry["id"])
 
 
 class _Registry:
@@ -1514,7 +1514,7 @@ def _private_key(path):
     """The private key at *path* (and its certificate, if any), read once
     for as long as the file stays the same; _KeyUnusable, which says why,
     when it cannot be read (SSH_KEY is checked at start, but the file may
-    change since).
+    have changed since).
 
     paramiko would read it again, trying each key type in turn, for every
     new connection (about 0.7 ms of CPU).
