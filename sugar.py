@@ -2713,7 +2713,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                    else "registering needs the register "
                                    "token"), _CHALLENGE)
         try:
-            client_id = _check_id(_required(form, "id"))
+            client_id = _check_id(_required(
+                form, "id", "the machine's id, such as "
+                "id=$(</etc/machine-id)"))
             if "address" in form:
                 host, port = _parse_address(form["address"])
             else:
@@ -3157,9 +3159,11 @@ def _job_summary(record):
     }
 
 
-def _required(form, name):
+def _required(form, name, what=None):
+    """*form*'s field *name*; 400 if missing, saying *what* to send."""
     if name not in form:
-        raise _HTTPProblem(400, "field %r is missing" % name)
+        raise _HTTPProblem(400, "field %r is missing%s" % (
+            name, what and "; send " + what or ""))
     return form[name]
 
 

@@ -367,7 +367,8 @@ def test_registry_survives_a_restart(server, fleet):
 
 
 BAD_REGISTRATIONS = [
-    ({"address": "a"}, "field 'id' is missing"),
+    ({"address": "a"}, "field 'id' is missing; send the machine's id, "
+     "such as id=$(</etc/machine-id)"),
     ({"id": ""}, "field 'id': '' is not a machine id; send up to 128 "
      "letters, digits, '.', '_' or '-', starting with a letter or "
      "digit, without '..', such as the content of /etc/machine-id"),
